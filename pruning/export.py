@@ -1,0 +1,178 @@
+"""One export path for every method: structural FFN pruning to a HF checkpoint.
+
+A pruned NPC is fully described by its kept channel indices per layer (the
+compact form, a few KB); `materialize` rebuilds the identical weights from the
+base checkpoint, and `export_checkpoint` writes a standard HF directory vLLM loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pruning import PruneError
+from pruning.model_io import checkpoint_sha256, ffn_blocks
+
+MANIFEST = "manifest.json"
+
+
+def keep_count(intermediate: int, sparsity: float, multiple: int = 16) -> int:
+    """Channels kept per layer, rounded to a kernel-friendly multiple."""
+    if not 0 < sparsity < 1:
+        raise PruneError(f"sparsity must be in (0, 1), got {sparsity}")
+    k = round(intermediate * (1 - sparsity) / multiple) * multiple
+    return max(multiple, min(intermediate, k))
+
+
+def select_kept(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Top-k per layer, returned sorted so channel order is preserved."""
+    kept = []
+    for s in scores:
+        idx = torch.topk(s.float(), k, sorted=False).indices
+        kept.append(torch.sort(idx).values.long())
+    return kept
+
+
+def _slice_linear(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn.Linear:
+    w = lin.weight.detach().index_select(dim, idx.to(lin.weight.device)).clone()
+    out_f, in_f = w.shape
+    new = torch.nn.Linear(in_f, out_f, bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        b = lin.bias.detach()
+        new.bias.data.copy_(b.index_select(0, idx.to(b.device)) if dim == 0 else b)
+    return new
+
+
+@torch.no_grad()
+def prune_inplace(model, kept: list[torch.Tensor]) -> None:
+    """Drop FFN channels: gate/up rows and down columns, config updated."""
+    blocks = ffn_blocks(model)
+    if len(kept) != len(blocks):
+        raise PruneError(f"kept indices for {len(kept)} layers, model has {len(blocks)}")
+    sizes = {len(k) for k in kept}
+    for b, idx in zip(blocks, kept):
+        b.gate_proj = _slice_linear(b.gate_proj, idx, 0)
+        b.up_proj = _slice_linear(b.up_proj, idx, 0)
+        b.down_proj = _slice_linear(b.down_proj, idx, 1)
+        if hasattr(b, "intermediate_size"):
+            b.intermediate_size = len(idx)
+    # vLLM and transformers need one intermediate_size; per-layer sizes would need a list.
+    if len(sizes) != 1:
+        raise PruneError("kept channel counts differ between layers; uniform counts are required")
+    model.config.intermediate_size = sizes.pop()
+
+
+@torch.no_grad()
+def zero_dropped(model, kept: list[torch.Tensor]) -> None:
+    """The masked dense model: dropped channels' down columns set to zero."""
+    for b, idx in zip(ffn_blocks(model), kept):
+        mask = torch.zeros(b.down_proj.in_features, dtype=torch.bool)
+        mask[idx] = True
+        b.down_proj.weight[:, ~mask.to(b.down_proj.weight.device)] = 0
+
+
+def kept_to_json(kept: list[torch.Tensor]) -> list[list[int]]:
+    return [k.tolist() for k in kept]
+
+
+def kept_from_json(rows: list[list[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(r, dtype=torch.long) for r in rows]
+
+
+def materialize(base_dir: Path, kept: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pruned state dict from the base's safetensors by index-select (no model build)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(base_dir).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                layer = _layer_of(name)
+                if layer is not None and (".mlp.gate_proj." in name or ".mlp.up_proj." in name):
+                    t = t.index_select(0, kept[layer])
+                elif layer is not None and ".mlp.down_proj.weight" in name:
+                    t = t.index_select(1, kept[layer])
+                out[name] = t.contiguous()
+    return out
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def write_atomic_dir(out_dir: Path, fill) -> Path:
+    """Build a directory beside `out_dir` and rename it into place: never half-written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_checkpoint(
+    model,
+    tok,
+    kept: list[torch.Tensor],
+    out_dir: Path,
+    *,
+    base_dir: Path,
+    method: str,
+    sparsity: float,
+    persona: str,
+    extra: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Prune `model` in place and write HF safetensors + config + manifest atomically."""
+    base_dir = Path(base_dir)
+    dense_size = model.config.intermediate_size
+    prune_inplace(model, kept)
+    if dtype is not None:
+        model.to(dtype)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        manifest = {
+            "format": "npc-pruned/1",
+            "base_model": str(base_dir.resolve()),
+            "base_sha256": checkpoint_sha256(base_dir),
+            "method": method,
+            "sparsity": sparsity,
+            "dense_intermediate_size": dense_size,
+            "intermediate_size": model.config.intermediate_size,
+            "kept_indices": kept_to_json(kept),
+            "persona": persona,
+            "created": time.time(),
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+
+    return write_atomic_dir(out_dir, fill)
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    p = Path(ckpt_dir) / MANIFEST
+    if not p.is_file():
+        raise PruneError(f"{ckpt_dir} has no {MANIFEST}")
+    return json.loads(p.read_text())

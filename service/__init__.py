@@ -1,0 +1,1 @@
+"""NPC serving microservice: control plane, workers and vLLM engines."""

@@ -1,0 +1,63 @@
+"""The FastAPI control plane: routers, error handlers, and the shared resources."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from service import errors, redis_embedded
+from service.api import chat, health, npcs
+from service.engines import EnginePool
+from service.serving_chat import ChatServing
+from service.settings import Settings, get_settings
+from service.store import NpcStore
+
+MAX_BODY_BYTES = 1 << 20
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        embedded = None
+        url = settings.redis_url
+        if not url:
+            embedded, url = redis_embedded.start(settings.data)
+            log.info("embedded Redis at %s", url)
+        app.state.redis = Redis.from_url(url)
+        app.state.store = NpcStore(app.state.redis)
+        app.state.queue = await create_pool(RedisSettings.from_dsn(url))
+        app.state.engines = EnginePool(settings)
+        app.state.chat = ChatServing(app.state.store, app.state.engines, settings)
+        try:
+            yield
+        finally:
+            await app.state.engines.shutdown()
+            await app.state.queue.aclose()
+            await app.state.redis.aclose()
+            if embedded:
+                redis_embedded.stop(embedded)
+
+    app = FastAPI(title="NPC server", version="0.1.0", lifespan=lifespan,
+                  description="Persona-pruned NPC models behind an OpenAI-compatible API")
+    app.state.settings = settings
+    errors.install(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return errors.error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    app.include_router(health.router)
+    app.include_router(npcs.router)
+    app.include_router(chat.router)
+    return app

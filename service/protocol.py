@@ -1,0 +1,101 @@
+"""Request and response models of the public API (OpenAI-compatible where it overlaps)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pruning.methods import METHODS
+
+MAX_PERSONA_CHARS = 4000
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'\-]{0,63}$"
+
+
+class NpcCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="display name, 1-64 chars")
+    persona: str = Field(..., min_length=1, max_length=MAX_PERSONA_CHARS, description="persona description")
+    sparsity: float = Field(0.25, gt=0, le=0.9, description="share of FFN channels to remove, in (0, 0.9]")
+    method: str = Field("activation", description="pruning method")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("persona")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("persona must not be blank")
+        return v.strip()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+
+class Npc(BaseModel):
+    id: str
+    object: Literal["npc"] = "npc"
+    name: str
+    persona: str
+    sparsity: float
+    method: str
+    base: str
+    status: Literal["queued", "running", "ready", "failed", "cancelled"]
+    stage: str | None = None
+    progress: float = 0.0
+    error: str | None = None
+    created: float
+    updated: float
+    ready_at: float | None = None
+    timings: dict[str, float] | None = None
+    kept_per_layer: int | None = None
+
+
+class NpcList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Npc]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") in ("text", None))
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields we do not use (metadata, store, ...): ignore, do not reject
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    user: str | None = None

@@ -1,0 +1,243 @@
+"""/v1/chat/completions: NPC lookup, prompt building, vLLM generation, OpenAI responses."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from service import metrics
+from service.engines import EnginePool, shape_key
+from service.errors import ApiError
+from service.personas import system_prompt
+from service.protocol import ChatCompletionRequest
+from service.store import NpcStore
+
+DEFAULT_TEMPERATURE = 0.7
+
+
+@lru_cache(maxsize=64)
+def _npc_files(ckpt: str) -> tuple[dict, dict]:
+    manifest = json.loads((Path(ckpt) / "manifest.json").read_text())
+    manifest.pop("kept_indices", None)  # large, and not needed to serve
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    return manifest, config
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(ckpt: str, base_sha: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+class ChatServing:
+    def __init__(self, store: NpcStore, pool: EnginePool, settings):
+        self.store, self.pool, self.settings = store, pool, settings
+
+    async def resolve(self, model: str) -> tuple[dict, Path, dict, dict]:
+        rec = await self.store.get(model)
+        if rec is None:
+            raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
+                           param="model", code="model_not_found")
+        if rec["status"] != "ready":
+            raise ApiError(409, f"NPC '{model}' is not ready (status: {rec['status']}); "
+                           "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
+        ckpt = Path(rec["checkpoint"])
+        try:
+            manifest, config = _npc_files(str(ckpt))
+        except (OSError, ValueError) as e:
+            raise ApiError(503, f"checkpoint of NPC '{model}' cannot be read: {e}", code="checkpoint_unreadable")
+        return rec, ckpt, manifest, config
+
+    def build_prompt(self, rec: dict, req: ChatCompletionRequest, tok) -> list[int]:
+        sys_text = system_prompt(rec["name"], rec["persona"])
+        extra = [m.text() for m in req.messages if m.role in ("system", "developer") and m.text()]
+        if extra:
+            sys_text += "\n\n" + "\n\n".join(extra)
+        msgs = [{"role": "system", "content": sys_text}]
+        msgs += [{"role": m.role if m.role != "tool" else "user", "content": m.text()}
+                 for m in req.messages if m.role not in ("system", "developer")]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def sampling_params(self, req: ChatCompletionRequest, prompt_len: int, stream: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        limit = self.settings.max_model_len
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
+        if prompt_len >= limit:
+            raise ApiError(400, f"prompt is {prompt_len} tokens with the persona; this NPC's context "
+                           f"limit is {limit} tokens", param="messages", code="context_length_exceeded")
+        max_tokens = min(max_tokens, limit - prompt_len)
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        return SamplingParams(
+            n=req.n,
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=max_tokens,
+            stop=stop or None,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def prepare(self, req: ChatCompletionRequest):
+        rec, ckpt, manifest, config = await self.resolve(req.model)
+        tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
+        prompt = self.build_prompt(rec, req, tok)
+        params = self.sampling_params(req, len(prompt), req.stream)
+        return rec, ckpt, manifest, config, tok, prompt, params
+
+    # -- response helpers -----------------------------------------------------
+
+    @staticmethod
+    def _logprobs(out, tok, n_top: int) -> dict | None:
+        if out.logprobs is None:
+            return None
+
+        def item(tid: int, logprob: float) -> dict:
+            text = tok.decode([tid])
+            return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
+
+        content = []
+        for tid, lp in zip(out.token_ids, out.logprobs):
+            chosen = lp.get(tid)
+            top = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:n_top]
+            content.append({**item(tid, chosen.logprob if chosen else float("-inf")),
+                            "top_logprobs": [item(t, v.logprob) for t, v in top]})
+        return {"content": content, "refusal": None}
+
+    @staticmethod
+    def _finish(reason: str | None) -> str | None:
+        if reason is None:
+            return None
+        return "length" if reason == "length" else "stop"
+
+    # -- generation -----------------------------------------------------------
+
+    async def complete(self, req: ChatCompletionRequest) -> dict:
+        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req)
+        npc = req.model
+        label = metrics.npc_label(npc)
+        t0 = time.time()
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        final = None
+        try:
+            async with self.pool.serving(npc, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12]) as (engine, _):
+                metrics.REQUESTS_RUNNING.labels(npc=label).inc()
+                try:
+                    async for out in engine.generate({"prompt_token_ids": prompt}, params, rid):
+                        final = out
+                finally:
+                    metrics.REQUESTS_RUNNING.labels(npc=label).dec()
+        except ApiError:
+            metrics.REQUESTS.labels(npc=label, status="rejected").inc()
+            raise
+        except Exception as e:
+            metrics.REQUESTS.labels(npc=label, status="error").inc()
+            raise ApiError(503, f"generation failed: {type(e).__name__}: {e}", code="engine_error") from e
+        elapsed = time.time() - t0
+        choices, n_completion = [], 0
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            n_completion += len(o.token_ids)
+            choices.append({
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text, "refusal": None},
+                "finish_reason": self._finish(o.finish_reason) or "stop",
+                "logprobs": self._logprobs(o, tok, req.top_logprobs or 0) if req.logprobs else None,
+            })
+        metrics.REQUESTS.labels(npc=label, status="ok").inc()
+        metrics.PROMPT_TOKENS.labels(npc=label).inc(len(prompt))
+        metrics.COMPLETION_TOKENS.labels(npc=label).inc(n_completion)
+        metrics.E2E.labels(npc=label).observe(elapsed)
+        metrics.TTFT.labels(npc=label).observe(elapsed)  # not streamed: the first token arrives with the rest
+        return {
+            "id": rid, "object": "chat.completion", "created": int(t0), "model": npc,
+            "choices": choices,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_completion,
+                      "total_tokens": len(prompt) + n_completion},
+            "system_fingerprint": None,
+        }
+
+    async def stream(self, req: ChatCompletionRequest):
+        """Validate and reserve first (errors become HTTP statuses), then return the event iterator."""
+        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req)
+        npc = req.model
+        label = metrics.npc_label(npc)
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        lease = self.pool.serving(npc, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12])
+        try:
+            engine, _ = await lease.__aenter__()
+        except ApiError:
+            metrics.REQUESTS.labels(npc=label, status="rejected").inc()
+            raise
+        released = False
+
+        async def release() -> None:
+            # called by the stream's end and by the response's background task: whichever runs first
+            nonlocal released
+            if not released:
+                released = True
+                await lease.__aexit__(None, None, None)
+
+        def chunk(choices: list, usage: dict | None = None) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": npc,
+                    "system_fingerprint": None, "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return json.dumps(body)
+
+        async def events():
+            t0 = time.time()
+            last = None
+            n_completion = 0
+            status = "error"
+            metrics.REQUESTS_RUNNING.labels(npc=label).inc()
+            try:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "finish_reason": None, "logprobs": None} for i in range(req.n)])
+                async for out in engine.generate({"prompt_token_ids": prompt}, params, rid):
+                    now = time.time()
+                    if last is None:
+                        metrics.TTFT.labels(npc=label).observe(now - t0)
+                    else:
+                        metrics.ITL.labels(npc=label).observe(now - last)
+                    last = now
+                    choices = []
+                    for o in out.outputs:
+                        n_completion += len(o.token_ids)
+                        if not o.text and o.finish_reason is None:
+                            continue
+                        choices.append({"index": o.index, "delta": {"content": o.text} if o.text else {},
+                                        "finish_reason": self._finish(o.finish_reason),
+                                        "logprobs": self._logprobs(o, tok, req.top_logprobs or 0) if req.logprobs else None})
+                    if choices:
+                        yield chunk(choices)
+                if include_usage:
+                    yield chunk([], {"prompt_tokens": len(prompt), "completion_tokens": n_completion,
+                                     "total_tokens": len(prompt) + n_completion})
+                yield "[DONE]"
+                status = "ok"
+            except Exception as e:
+                err = {"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                 "type": "api_error", "param": None, "code": "engine_error"}}
+                yield json.dumps(err)
+            finally:
+                metrics.REQUESTS_RUNNING.labels(npc=label).dec()
+                metrics.REQUESTS.labels(npc=label, status=status).inc()
+                metrics.PROMPT_TOKENS.labels(npc=label).inc(len(prompt))
+                metrics.COMPLETION_TOKENS.labels(npc=label).inc(n_completion)
+                metrics.E2E.labels(npc=label).observe(time.time() - t0)
+                await release()
+
+        return events(), release

@@ -1,0 +1,59 @@
+"""Settings from the environment (prefix NPC_; REDIS_URL also read bare)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.basemodels import DEFAULT_MODEL
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NPC_", extra="ignore")
+
+    data_dir: Path = Field(Path("~/.local/share/npc"), description="NPC checkpoints, embedded Redis data")
+    models_dir: Path | None = Field(None, description="base models; default <data_dir>/models")
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "NPC_REDIS_URL"),
+        description="unset: an embedded Redis server persisted in the data dir",
+    )
+    base_model: str = Field(DEFAULT_MODEL, description="model name under models_dir, or a HF model dir")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine_memory_fraction: float = Field(0.15, gt=0, le=1, description="vLLM gpu_memory_utilization (CPU memory on CPU hosts)")
+    kv_cache_bytes: int | None = Field(None, description="fixed KV cache size; overrides the memory fraction")
+    max_model_len: int = 2048
+    max_waiting: int = Field(64, description="requests queued per engine before 429")
+    max_persona_chars: int = 4000
+    default_max_tokens: int = 256
+    calibration_prompts: int = 32
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def data(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def models(self) -> Path:
+        return (self.models_dir or self.data / "models").expanduser().resolve()
+
+    @property
+    def npcs_dir(self) -> Path:
+        return self.data / "npcs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,76 @@
+"""NPC records in Redis: one JSON document per NPC and a creation-ordered index."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+REC = "npc:rec:{}"
+INDEX = "npc:index"
+STATUSES = ("queued", "running", "ready", "failed", "cancelled")
+
+
+def new_id() -> str:
+    return "npc-" + secrets.token_hex(6)
+
+
+class NpcStore:
+    def __init__(self, redis: Redis):
+        self.r = redis
+
+    async def create(self, rec: dict) -> dict:
+        now = time.time()
+        rec = {"created": now, "updated": now, "status": "queued", "progress": 0.0, "stage": "queued",
+               "error": None, **rec}
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(REC.format(rec["id"]), json.dumps(rec))
+            p.zadd(INDEX, {rec["id"]: now})
+            await p.execute()
+        return rec
+
+    async def get(self, npc_id: str) -> dict | None:
+        raw = await self.r.get(REC.format(npc_id))
+        return json.loads(raw) if raw else None
+
+    async def update(self, npc_id: str, **fields) -> dict | None:
+        """Merge fields into the record atomically (WATCH/MULTI); None if it was deleted."""
+        key = REC.format(npc_id)
+        async with self.r.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    await p.watch(key)
+                    raw = await p.get(key)
+                    if raw is None:
+                        await p.unwatch()
+                        return None
+                    rec = {**json.loads(raw), **fields, "updated": time.time()}
+                    p.multi()
+                    p.set(key, json.dumps(rec))
+                    await p.execute()
+                    return rec
+                except WatchError:  # someone wrote in between: read again
+                    continue
+
+    async def delete(self, npc_id: str) -> bool:
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(REC.format(npc_id))
+            p.zrem(INDEX, npc_id)
+            n, _ = await p.execute()
+        return bool(n)
+
+    async def list(self, limit: int = 1000) -> list[dict]:
+        ids = await self.r.zrange(INDEX, 0, limit - 1)
+        if not ids:
+            return []
+        raws = await self.r.mget([REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    async def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for rec in await self.list(100_000):
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        return counts
