@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -27,12 +26,9 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM if `npc serve` dies, even by SIGKILL: no orphans
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _exit_on_signal(signum, _frame) -> None:
+    # uvicorn re-raises SIGTERM after its shutdown; make that an exception so cleanup runs
+    raise SystemExit(128 + signum)
 
 
 @models_app.command("pull")
@@ -74,6 +70,7 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
     from service.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     settings = get_settings()
     _check_base(settings)
     settings.data.mkdir(parents=True, exist_ok=True)
@@ -84,7 +81,7 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
     settings = settings.model_copy(update={"redis_url": url})
     env = {**os.environ, "REDIS_URL": url}
     children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                                 preexec_fn=_die_with_parent) for _ in range(workers)]
+                                 preexec_fn=redis_embedded.die_with_parent) for _ in range(workers)]
     try:
         uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
                     log_level="info", timeout_graceful_shutdown=10)

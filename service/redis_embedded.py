@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when its parent dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -27,6 +37,7 @@ def start(data_dir: Path, port: int | None = None, timeout: float = 15.0) -> tup
          "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1",
          "--protected-mode", "yes", "--daemonize", "no", "--logfile", str(d / "redis.log")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)

@@ -164,7 +164,7 @@ class ChatServing:
             "choices": choices,
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_completion,
                       "total_tokens": len(prompt) + n_completion},
-            "system_fingerprint": None,
+            "system_fingerprint": "fp_" + manifest.get("base_sha256", "")[:10],
         }
 
     async def stream(self, req: ChatCompletionRequest):
@@ -192,7 +192,7 @@ class ChatServing:
 
         def chunk(choices: list, usage: dict | None = None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": npc,
-                    "system_fingerprint": None, "choices": choices}
+                    "system_fingerprint": "fp_" + manifest.get("base_sha256", "")[:10], "choices": choices}
             if include_usage:
                 body["usage"] = usage
             return json.dumps(body)

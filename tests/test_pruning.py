@@ -1,0 +1,147 @@
+"""The pruning library on the real default model: scores, top-k, export, compact form, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pruning import PruneError
+from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
+from pruning.export import (export_checkpoint, keep_count, kept_from_json, materialize, read_manifest,
+                            select_kept, zero_dropped)
+from pruning.methods import METHODS, PruneContext, get_method
+from pruning.model_io import load_model
+from pruning.prune import check_args
+from tests.conftest import PERSONA_A
+
+PROMPTS = ["Tell me about your favourite place.", "How do I boil an egg?", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def dense(base_dir):
+    return load_model(base_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def activation_kept(dense):
+    model, tok = dense
+    scores = get_method("activation")(model, tok, PruneContext(persona=PERSONA_A, calibration=calibration_prompts(8)))
+    return select_kept(scores, keep_count(model.config.intermediate_size, 0.25))
+
+
+def test_shipped_data():
+    assert len(calibration_prompts()) >= 32
+    assert len(load_instructions()) >= 500
+    assert len(load_reference_personas()) >= 10
+
+
+def test_keep_count_and_topk_exact():
+    assert keep_count(1536, 0.25) == 1152
+    assert keep_count(1536, 0.5) == 768
+    scores = [torch.randn(1536, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    kept = select_kept(scores, 1152)
+    for s, k in zip(scores, kept):
+        assert len(k) == 1152 and len(set(k.tolist())) == 1152
+        assert torch.all(k[1:] > k[:-1])  # sorted: channel order preserved
+        assert s[k].min() >= s[torch.tensor(sorted(set(range(1536)) - set(k.tolist())))].max()
+
+
+def test_every_method_scores_every_channel(dense):
+    model, tok = dense
+    ctx = PruneContext(persona=PERSONA_A, calibration=calibration_prompts(2))
+    for name in METHODS:
+        scores = get_method(name)(model, tok, ctx)
+        assert len(scores) == model.config.num_hidden_layers
+        assert all(s.shape == (model.config.intermediate_size,) and torch.isfinite(s).all() for s in scores)
+
+
+def test_random_is_seeded(dense):
+    model, tok = dense
+    a = get_method("random")(model, tok, PruneContext(persona="x", seed=3))
+    b = get_method("random")(model, tok, PruneContext(persona="x", seed=3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _logits(model, tok):
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+            out.append(model(ids).logits.float())
+    return out
+
+
+def test_export_equals_masked_dense(base_dir, tmp_path, activation_kept):
+    """The exported (smaller) checkpoint computes what the dense model computes with dropped channels zeroed."""
+    kept = activation_kept
+    masked, tok = load_model(base_dir, dtype=torch.float32)
+    zero_dropped(masked, kept)
+    expected = _logits(masked, tok)
+
+    model, tok = load_model(base_dir, dtype=torch.float32)
+    out = export_checkpoint(model, tok, kept, tmp_path / "npc", base_dir=base_dir, method="activation",
+                            sparsity=0.25, persona=PERSONA_A, dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == 1152
+    pruned, _ = load_model(out, dtype=torch.float32)
+    assert pruned.model.layers[0].mlp.gate_proj.weight.shape == (1152, 576)
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == (576, 1152)
+    for e, g in zip(expected, _logits(pruned, tok)):
+        rel = (e - g).abs().max() / e.abs().max()
+        assert rel < 1e-4, rel
+
+    manifest = read_manifest(out)
+    for key in ("base_model", "base_sha256", "method", "sparsity", "kept_indices", "persona", "created"):
+        assert key in manifest
+    assert [k.tolist() for k in kept_from_json(manifest["kept_indices"])] == [k.tolist() for k in kept]
+
+    # compact form: kept indices + base checkpoint give the identical weights
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "model.safetensors")
+    rebuilt = materialize(base_dir, kept_from_json(manifest["kept_indices"]))
+    for name, t in exported.items():
+        assert torch.equal(rebuilt[name], t), name
+
+
+def test_bad_arguments():
+    with pytest.raises(PruneError, match="empty"):
+        check_args("  ", 0.25, "activation")
+    for s in (0, -0.1, 0.95, 1.0):
+        with pytest.raises(PruneError, match="sparsity"):
+            check_args("a persona", s, "activation")
+    with pytest.raises(PruneError, match="unknown method"):
+        check_args("a persona", 0.25, "nope")
+
+
+def _npc(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_prune_bad_input_leaves_nothing(tmp_path, base_dir):
+    out = tmp_path / "out"
+    for extra in (["--sparsity", "0.95"], ["--method", "bogus"], ["--persona", " "]):
+        args = ["prune", "--base", str(base_dir), "--persona", "a pirate", "--out", str(out), *extra]
+        r = _npc(*args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists()
+    r = _npc("prune", "--base", str(tmp_path / "missing"), "--persona", "p", "--out", str(out))
+    assert r.returncode == 2 and "npc models pull" in r.stderr
+
+
+def test_cli_prune_exports(tmp_path, base_dir):
+    out = tmp_path / "npc"
+    r = _npc("prune", "--base", str(base_dir), "--persona", PERSONA_A, "--sparsity", "0.5",
+             "--method", "magnitude", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["kept_per_layer"] == 768
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 768
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
