@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,18 @@ MAX_BODY_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
+async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
+    """Start an engine as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            for rec in await app.state.store.list():
+                if rec["status"] == "ready":
+                    await app.state.chat.prewarm(rec)
+        except Exception:
+            log.warning("prewarm pass failed", exc_info=True)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -36,9 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.queue = await create_pool(RedisSettings.from_dsn(url))
         app.state.engines = EnginePool(settings)
         app.state.chat = ChatServing(app.state.store, app.state.engines, settings)
+        warm = asyncio.create_task(_prewarm_loop(app)) if settings.prewarm else None
         try:
             yield
         finally:
+            if warm:
+                warm.cancel()
             await app.state.engines.shutdown()
             await app.state.queue.aclose()
             await app.state.redis.aclose()

@@ -79,9 +79,13 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
         redis_proc, url = redis_embedded.start(settings.data)
         typer.echo(f"embedded Redis at {url} (data in {settings.data / 'redis'})")
     settings = settings.model_copy(update={"redis_url": url})
-    env = {**os.environ, "REDIS_URL": url}
-    children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                                 preexec_fn=redis_embedded.die_with_parent) for _ in range(workers)]
+    children = []
+    for i in range(workers):
+        env = {**os.environ, "REDIS_URL": url}
+        if settings.worker_metrics_port:
+            env["NPC_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + i)
+        children.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
+                                         preexec_fn=redis_embedded.die_with_parent))
     try:
         uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
                     log_level="info", timeout_graceful_shutdown=10)

@@ -73,6 +73,28 @@ class EnginePool:
         log.info("engine for %s started in %.1fs", ckpt, time.time() - t0)
         return engine, tok, npc_id
 
+    def _evict_for(self, key: tuple) -> None:
+        """Make room for one more engine: stop the least recently used idle one."""
+        busy = len(self.slots) + len([k for k in self._starting if k not in self.slots])
+        if busy < self.settings.max_engines:
+            return
+        idle = [sl for sl in self.slots.values() if sl.inflight == 0 and sl.waiting == 0]
+        if not idle:
+            raise ApiError(503, "every engine is busy serving other NPC shapes; retry shortly",
+                           code="engines_busy", headers={"Retry-After": "5"})
+        victim = min(idle, key=lambda sl: sl.last_used)
+        log.info("evicting engine %s (NPC %s) for shape %s", victim.key, victim.npc_id, key)
+        self.slots.pop(victim.key)
+        metrics.EVICTIONS.labels(base=victim.base).inc()
+        try:
+            victim.engine.shutdown()
+        except Exception:
+            log.exception("engine shutdown failed")
+        self._update_loaded()
+
+    def _update_loaded(self) -> None:
+        metrics.NPCS_LOADED.set(sum(1 for sl in self.slots.values() if sl.npc_id))
+
     async def _slot_for(self, key: tuple, npc_id: str, ckpt: Path, base: str) -> Slot:
         slot = self.slots.get(key)
         if slot is not None and not getattr(slot.engine, "errored", False):
@@ -86,17 +108,34 @@ class EnginePool:
                 pass
         task = self._starting.get(key)
         if task is None:
+            self._evict_for(key)
             task = asyncio.ensure_future(asyncio.to_thread(self._start_engine, ckpt, npc_id))
             self._starting[key] = task
+        t0 = time.time()
         try:
             engine, tok, started_with = await asyncio.shield(task)
+        except Exception as e:
+            raise ApiError(503, f"engine failed to start: {type(e).__name__}: {e}", code="engine_start_failed")
         finally:
-            self._starting.pop(key, None)
+            if task.done():
+                self._starting.pop(key, None)
         if key not in self.slots:
             # the engine starts with this checkpoint's weights already loaded
             self.slots[key] = Slot(key=key, engine=engine, tokenizer=tok, npc_id=started_with, base=base)
             metrics.ENGINE_LOADS.labels(base=base).inc()
+            metrics.EVICTIONS.labels(base=base)  # expose the series at 0
+            metrics.LOAD_LATENCY.labels(base=base).observe(time.time() - t0)
+            self._update_loaded()
         return self.slots[key]
+
+    def prewarm(self, key: tuple, npc_id: str, ckpt: Path, base: str) -> None:
+        """Start an engine for a new shape in the background, if there is room for one."""
+        if key in self.slots or key in self._starting:
+            return
+        if len(self.slots) + len(self._starting) >= self.settings.max_engines:
+            return
+        task = asyncio.ensure_future(self._slot_for(key, npc_id, Path(ckpt), base))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "never retrieved"
 
     async def shutdown(self) -> None:
         for slot in self.slots.values():
@@ -118,6 +157,8 @@ class EnginePool:
         finally:
             await eng.resume_generation()
         dt = time.time() - t0
+        if slot.npc_id:  # the outgoing NPC leaves its slot
+            metrics.EVICTIONS.labels(base=slot.base).inc()
         metrics.WEIGHT_SWAPS.labels(base=slot.base).inc()
         metrics.LOAD_LATENCY.labels(base=slot.base).observe(dt)
         log.info("swapped %s into engine in %.2fs", ckpt.name, dt)

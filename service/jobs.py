@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pruning import PruneError
+from service import metrics
 from service.store import NpcStore
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,15 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     await store.update(npc_id, status="running", stage="loading", progress=0.0, started=started,
                        attempts=rec.get("attempts", 0) + 1)
     last = [0.0]
+    stages: dict[str, float] = {}
+    current = ["loading", started]
 
     def progress(frac: float, stage: str) -> None:
         now = time.time()
+        if stage != current[0]:
+            stages[current[0]] = round(now - current[1], 3)
+            metrics.STAGE_DURATION.labels(stage=current[0]).observe(now - current[1])
+            current[:] = [stage, now]
         if now - last[0] > 0.5 or frac >= 1.0:  # no need to write Redis for every prompt
             last[0] = now
             asyncio.run_coroutine_threadsafe(
@@ -50,8 +57,9 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         log.exception("job for %s failed", npc_id)
         await store.update(npc_id, status="failed", stage="failed", error=f"{type(e).__name__}: {e}")
         return "failed"
+    stages["total"] = round(time.time() - started, 3)
     done = await store.update(npc_id, status="ready", stage="ready", progress=1.0, checkpoint=str(out),
-                              ready_at=time.time(), timings={"total_s": round(time.time() - started, 2)},
+                              ready_at=time.time(), timings=stages,
                               kept_per_layer=summary["kept_per_layer"])
     if done is None:  # deleted while we worked: leave nothing behind
         shutil.rmtree(Path(out), ignore_errors=True)

@@ -90,11 +90,24 @@ class ChatServing:
         )
 
     async def prepare(self, req: ChatCompletionRequest):
-        rec, ckpt, manifest, config = await self.resolve(req.model)
-        tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
-        prompt = self.build_prompt(rec, req, tok)
-        params = self.sampling_params(req, len(prompt), req.stream)
+        rec = await self.store.get(req.model)
+        try:
+            rec, ckpt, manifest, config = await self.resolve(req.model)
+            tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
+            prompt = self.build_prompt(rec, req, tok)
+            params = self.sampling_params(req, len(prompt), req.stream)
+        except ApiError:
+            if rec is not None:  # unknown ids get no label: they would be unbounded
+                metrics.REQUESTS.labels(npc=metrics.npc_label(req.model), status="rejected").inc()
+            raise
         return rec, ckpt, manifest, config, tok, prompt, params
+
+    async def prewarm(self, rec: dict) -> None:
+        try:
+            _, ckpt, manifest, config = await self.resolve(rec["id"])
+        except ApiError:
+            return
+        self.pool.prewarm(shape_key(manifest, config), rec["id"], ckpt, manifest.get("base_sha256", "")[:12])
 
     # -- response helpers -----------------------------------------------------
 

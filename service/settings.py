@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_persona_chars: int = 4000
     default_max_tokens: int = 256
     calibration_prompts: int = 32
+    max_engines: int = Field(2, ge=1, description="vLLM engines (one per NPC shape) kept running")
+    worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
+    prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import secrets
+import socket
+import time
 
 from arq.connections import RedisSettings
 from arq.worker import Worker
@@ -11,17 +17,57 @@ from service.jobs import prune_npc
 from service.settings import Settings
 
 QUEUE = "npc:jobs"
+HEARTBEAT = "npc:worker:{}"
+HEARTBEAT_EVERY = 5.0
+HEARTBEAT_TTL = 15
+
+log = logging.getLogger(__name__)
+
+
+def _device() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+
+
+async def _heartbeat(ctx: dict) -> None:
+    info = {"id": ctx["worker_id"], "host": socket.gethostname(), "pid": os.getpid(),
+            "device": _device(), "started": time.time()}
+    while True:
+        try:
+            await ctx["redis"].set(HEARTBEAT.format(ctx["worker_id"]),
+                                   json.dumps({**info, "seen": time.time(), "job": ctx["state"]["job"]}),
+                                   ex=HEARTBEAT_TTL)
+        except Exception:  # Redis away for a moment: try again next beat
+            log.warning("heartbeat failed", exc_info=True)
+        await asyncio.sleep(HEARTBEAT_EVERY)
 
 
 def build_worker(settings: Settings, redis_url: str) -> Worker:
     async def startup(ctx: dict) -> None:
         ctx["settings"] = settings
+        ctx["state"] = {"job": None}  # job contexts are copies of ctx; this dict is shared
+        ctx["worker_id"] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+
+    async def shutdown(ctx: dict) -> None:
+        ctx["heartbeat"].cancel()
+        await ctx["redis"].delete(HEARTBEAT.format(ctx["worker_id"]))
+
+    async def job_start(ctx: dict) -> None:
+        ctx["state"]["job"] = ctx.get("job_id")
+
+    async def job_end(ctx: dict) -> None:
+        ctx["state"]["job"] = None
 
     return Worker(
         functions=[prune_npc],
         redis_settings=RedisSettings.from_dsn(redis_url),
         queue_name=QUEUE,
         on_startup=startup,
+        on_shutdown=shutdown,
+        on_job_start=job_start,
+        on_job_end=job_end,
         max_jobs=1,            # one pruning job at a time: it uses every core
         job_timeout=3600,
         keep_result=24 * 3600,
@@ -30,6 +76,19 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
     )
 
 
+async def live_workers(redis) -> list[dict]:
+    keys = [k async for k in redis.scan_iter(match=HEARTBEAT.format("*"))]
+    raws = await redis.mget(keys) if keys else []
+    return [json.loads(r) for r in raws if r]
+
+
 def run(settings: Settings, redis_url: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.worker_metrics_port)
+        except OSError as e:
+            log.warning("worker metrics port %s unavailable: %s", settings.worker_metrics_port, e)
     build_worker(settings, redis_url).run()

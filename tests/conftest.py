@@ -56,6 +56,7 @@ class Server:
     def __init__(self, data_dir: Path, models_dir: Path, extra_env: dict | None = None):
         self.data_dir, self.models_dir = data_dir, models_dir
         self.port = free_port()
+        self.worker_metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen | None = None
@@ -63,7 +64,8 @@ class Server:
 
     def start(self, timeout: float = 120) -> "Server":
         env = {**os.environ, "NPC_DATA_DIR": str(self.data_dir), "NPC_MODELS_DIR": str(self.models_dir),
-               "NPC_PORT": str(self.port), "NPC_KV_CACHE_BYTES": str(256 << 20), **self.extra_env}
+               "NPC_PORT": str(self.port),
+               "NPC_WORKER_METRICS_PORT": str(self.worker_metrics_port), "NPC_KV_CACHE_BYTES": str(256 << 20), **self.extra_env}
         env.pop("REDIS_URL", None)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=ROOT,
@@ -114,6 +116,12 @@ def server(tmp_path_factory, models_dir):
 @pytest.fixture(scope="session")
 def npc_a(server) -> dict:
     rec = server.create_npc("Captain Rook", PERSONA_A, sparsity=0.25)
+    return server.wait_ready(rec["id"])
+
+
+@pytest.fixture(scope="session")
+def npc_b(server, npc_a) -> dict:
+    rec = server.create_npc("Bea the Baker", PERSONA_B, sparsity=0.25, method="activation-persona")
     return server.wait_ready(rec["id"])
 
 

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.api import deps
-from service.worker import QUEUE
+from service.worker import QUEUE, live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -23,4 +23,10 @@ async def prometheus_metrics(store=Depends(deps.store)) -> Response:
     for state, n in (await store.count_by_status()).items():
         metrics.JOBS.labels(state=state).set(n)
     metrics.QUEUE_DEPTH.set(await store.r.zcard(QUEUE))
+    metrics.WORKERS_LIVE.set(len(await live_workers(store.r)))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/workers", dependencies=[Depends(deps.require_key)])
+async def workers(store=Depends(deps.store)) -> dict:
+    return {"object": "list", "data": await live_workers(store.r)}

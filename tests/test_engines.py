@@ -1,0 +1,92 @@
+"""Engine sharing: NPCs of one shape swap into one warm engine, and outputs stay exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+
+from service.protocol import ChatCompletionRequest
+from service.serving_chat import ChatServing
+
+pytestmark = pytest.mark.slow
+
+# > 128 tokens (the CPU prefix-cache block): a stale prefix cache would replay the other NPC
+LONG = ("Listen closely, because I am going to describe the harbour town in detail before I ask. "
+        "There is a crooked lighthouse, a fish market that opens at dawn, a tavern with a blue door, "
+        "a chapel with a cracked bell, three piers, a shipwright's yard, a bakery that smells of "
+        "cinnamon, a customs house full of bored clerks, and a hill with a windmill that never turns. "
+        "The streets are narrow and wet, gulls argue on every roof, and the tide comes in fast. "
+        "Children race wooden boats in the gutters and old sailors play dice under the awnings. ") * 2
+
+
+def _chat(server, npc_id: str, question: str) -> str:
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": npc_id, "temperature": 0, "max_tokens": 24,
+        "messages": [{"role": "user", "content": LONG + question}]})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def _fresh_engine_output(rec: dict, question: str) -> str:
+    """Greedy output of a brand-new vLLM engine on this NPC's checkpoint, same prompt tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
+    req = ChatCompletionRequest(model=rec["id"], messages=[{"role": "user", "content": LONG + question}])
+    ids = ChatServing(None, None, None).build_prompt(rec, req, tok)
+    script = textwrap.dedent(f"""
+        import json
+        from vllm import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM(model={rec['checkpoint']!r}, enforce_eager=True, dtype="bfloat16", max_model_len=2048,
+                      kv_cache_memory_bytes={256 << 20}, seed=0)
+            out = llm.generate([{{"prompt_token_ids": {ids!r}}}], SamplingParams(temperature=0, max_tokens=24))
+            print("RESULT" + json.dumps(out[0].outputs[0].text))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def test_swaps_are_exact(server, npc_a, npc_b):
+    q = "\nNow tell me: what would you do first in this town?"
+    a1 = _chat(server, npc_a["id"], q)
+    b1 = _chat(server, npc_b["id"], q)
+    a2 = _chat(server, npc_a["id"], q)
+    b2 = _chat(server, npc_b["id"], q)
+    a3 = _chat(server, npc_a["id"], q)
+    assert a1 == a2 == a3
+    assert b1 == b2
+    assert a1 != b1  # different channels kept: the swap really changed the weights
+    engines = httpx.get(server.url + "/v1/engines").json()["data"]
+    assert len(engines) == 1  # both NPCs share one engine (same shape)
+    metrics = httpx.get(server.url + "/metrics").text
+    swaps = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("npc_weight_swaps_total")]
+    assert swaps and swaps[0] >= 4
+    # the swapped-in NPC answers exactly as a fresh engine of its own checkpoint does
+    b_rec = httpx.get(f"{server.url}/v1/npcs/{npc_b['id']}").json() | {"checkpoint": _checkpoint(server, npc_b)}
+    assert _fresh_engine_output(b_rec, q) == b1
+
+
+def _checkpoint(server, npc: dict) -> str:
+    return str(server.data_dir / "npcs" / npc["id"])
+
+
+def test_concurrent_chats_to_two_npcs_all_complete(server, npc_a, npc_b):
+    import concurrent.futures as cf
+
+    def one(i: int) -> int:
+        npc = (npc_a, npc_b)[i % 2]["id"]
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+            "model": npc, "max_tokens": 8, "messages": [{"role": "user", "content": f"Say hello #{i}"}]})
+        return r.status_code
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(one, range(12)))
+    assert codes == [200] * 12
