@@ -8,3 +8,7 @@ __all__ = ["PruneError"]
 
 class PruneError(Exception):
     """A user-facing error: bad input or a base model we cannot prune."""
+
+
+class PruneCancelled(Exception):
+    """Raised from a progress callback to stop a prune; nothing is left in --out."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pruning import PruneError
-from pruning.model_io import checkpoint_sha256, ffn_blocks
+from pruning.model_io import checkpoint_sha256, ffn_blocks, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -166,9 +166,36 @@ def export_checkpoint(
             "created": time.time(),
             **(extra or {}),
         }
+        # every file's digest, so a loader can refuse a corrupt or incomplete copy
+        manifest["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest))
 
     return write_atomic_dir(out_dir, fill)
+
+
+class CorruptCheckpoint(PruneError):
+    pass
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict:
+    """Check every file against the manifest's sha256; returns the manifest."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: {MANIFEST} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: {MANIFEST} unreadable ({e})") from None
+    files = manifest.get("files")
+    if not files:
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: manifest lists no file digests")
+    for name, digest in files.items():
+        f = ckpt_dir / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: file {name} is missing")
+        if sha256_file(f) != digest:
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: file {name} does not match its sha256")
+    return manifest
 
 
 def read_manifest(ckpt_dir: Path) -> dict:

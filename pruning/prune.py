@@ -60,9 +60,9 @@ def prune(
         persona=persona,
         calibration=calibration_prompts(n_calibration),
         seed=seed,
-        progress=lambda f: progress(0.05 + 0.8 * f, "scoring"),
+        progress=lambda f: progress(0.05 + 0.8 * f, "learning"),
     )
-    progress(0.05, "scoring")
+    progress(0.05, "learning")
     scores = score_fn(model, tok, ctx)
     kept = select_kept(scores, k)
     progress(0.9, "exporting")

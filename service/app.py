@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="NPC server", version="0.1.0", lifespan=lifespan,
                   description="Persona-pruned NPC models behind an OpenAI-compatible API")
     app.state.settings = settings
+    app.state.keys = settings.keys()
     errors.install(app)
 
     @app.middleware("http")

@@ -145,6 +145,53 @@ def prune(
     typer.echo(json.dumps(summary))
 
 
+@app.command()
+def create(
+    name: Optional[str] = typer.Option(None, help="display name (from the card when omitted)"),
+    persona: Optional[str] = typer.Option(None, help="persona description"),
+    card: Optional[Path] = typer.Option(None, help="character card: PNG or JSON"),
+    sparsity: float = typer.Option(0.25),
+    method: str = typer.Option("activation"),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="NPC_URL", help="the NPC server"),
+    api_key: Optional[str] = typer.Option(None, envvar="NPC_API_KEY"),
+    wait: bool = typer.Option(True, help="follow the job with a progress bar until it ends"),
+) -> None:
+    """Create an NPC on a running server and show the pruning job's progress."""
+    import httpx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        if card is not None:
+            data = {k: str(v) for k, v in (("name", name), ("sparsity", sparsity), ("method", method)) if v is not None}
+            r = httpx.post(f"{url}/v1/npcs", headers=headers, data=data, timeout=60,
+                           files={"card": (card.name, card.read_bytes())})
+        else:
+            r = httpx.post(f"{url}/v1/npcs", headers=headers, timeout=60,
+                           json={"name": name, "persona": persona, "sparsity": sparsity, "method": method})
+    except (httpx.HTTPError, OSError) as e:
+        _fail(f"cannot reach {url}: {e}")
+    if r.status_code >= 400:
+        _fail(r.json().get("error", {}).get("message", r.text))
+    rec = r.json()
+    if not wait:
+        typer.echo(json.dumps(rec))
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task(f"{rec['id']} queued", total=1.0)
+        with httpx.stream("GET", f"{url}/v1/npcs/{rec['id']}/events", headers=headers, timeout=None) as ev:
+            for line in ev.iter_lines():
+                if line.startswith("data:"):
+                    rec = json.loads(line[5:])
+                    if "status" not in rec:
+                        continue
+                    bar.update(task, completed=rec["progress"], description=f"{rec['id']} {rec['stage']}")
+    typer.echo(json.dumps(rec))
+    if rec.get("status") != "ready":
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

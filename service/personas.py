@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 
-def system_prompt(name: str, persona: str) -> str:
-    return (f"You are {name}. {persona.strip()}\n"
-            f"Stay in character as {name} in every reply, speak in the first person, "
-            "and never say that you are an AI or a language model.")
+def system_prompt(name: str, persona: str, card_system_prompt: str | None = None) -> str:
+    default = (f"You are {name}. {persona.strip()}\n"
+               f"Stay in character as {name} in every reply, speak in the first person, "
+               "and never say that you are an AI or a language model.")
+    if card_system_prompt:
+        # a card's own system prompt leads; {{original}} stands for ours (SillyTavern convention)
+        if "{{original}}" in card_system_prompt:
+            return card_system_prompt.replace("{{original}}", default)
+        return f"{card_system_prompt}\n\n{default}"
+    return default

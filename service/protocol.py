@@ -15,18 +15,21 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'\-]{0,63}$"
 class NpcCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., pattern=NAME_PATTERN, description="display name, 1-64 chars")
-    persona: str = Field(..., min_length=1, max_length=MAX_PERSONA_CHARS, description="persona description")
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="display name, 1-64 chars (taken from the card when omitted)")
+    persona: str | None = Field(None, min_length=1, max_length=MAX_PERSONA_CHARS,
+                                description="persona description (or give `card`)")
+    card: dict[str, Any] | None = Field(None, description="a Tavern V1/V2/V3 character card object")
     sparsity: float = Field(0.25, gt=0, le=0.9, description="share of FFN channels to remove, in (0, 0.9]")
     method: str = Field("activation", description="pruning method")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("persona")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("persona must not be blank")
-        return v.strip()
+        return v.strip() if v else v
 
     @field_validator("method")
     @classmethod
@@ -51,8 +54,12 @@ class Npc(BaseModel):
     created: float
     updated: float
     ready_at: float | None = None
+    eta_s: float | None = None
     timings: dict[str, float] | None = None
+    attempts: int = 0
     kept_per_layer: int | None = None
+    greeting: str | None = None
+    persona_truncated: bool = False
 
 
 class NpcList(BaseModel):

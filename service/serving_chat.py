@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from functools import lru_cache
 from pathlib import Path
 
+from pruning.export import CorruptCheckpoint, verify_checkpoint
 from service import metrics
 from service.engines import EnginePool, shape_key
 from service.errors import ApiError
@@ -18,12 +20,25 @@ from service.store import NpcStore
 DEFAULT_TEMPERATURE = 0.7
 
 
-@lru_cache(maxsize=64)
-def _npc_files(ckpt: str) -> tuple[dict, dict]:
-    manifest = json.loads((Path(ckpt) / "manifest.json").read_text())
+def _stat_key(ckpt: str) -> tuple:
+    d = Path(ckpt)
+    if not d.is_dir():
+        return (ckpt, None)
+    return (ckpt, tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in d.iterdir())))
+
+
+@lru_cache(maxsize=256)
+def _verified(stat_key: tuple) -> tuple[dict, dict]:
+    """Hash-check a checkpoint once per on-disk state (names, sizes, mtimes)."""
+    ckpt = Path(stat_key[0])
+    manifest = verify_checkpoint(ckpt)
     manifest.pop("kept_indices", None)  # large, and not needed to serve
-    config = json.loads((Path(ckpt) / "config.json").read_text())
+    config = json.loads((ckpt / "config.json").read_text())
     return manifest, config
+
+
+def _npc_files(ckpt: str) -> tuple[dict, dict]:
+    return _verified(_stat_key(ckpt))
 
 
 @lru_cache(maxsize=8)
@@ -37,9 +52,9 @@ class ChatServing:
     def __init__(self, store: NpcStore, pool: EnginePool, settings):
         self.store, self.pool, self.settings = store, pool, settings
 
-    async def resolve(self, model: str) -> tuple[dict, Path, dict, dict]:
+    async def resolve(self, model: str, who=None) -> tuple[dict, Path, dict, dict]:
         rec = await self.store.get(model)
-        if rec is None:
+        if rec is None or (who is not None and not who.owns(rec)):
             raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
                            param="model", code="model_not_found")
         if rec["status"] != "ready":
@@ -47,19 +62,27 @@ class ChatServing:
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
         ckpt = Path(rec["checkpoint"])
         try:
-            manifest, config = _npc_files(str(ckpt))
-        except (OSError, ValueError) as e:
-            raise ApiError(503, f"checkpoint of NPC '{model}' cannot be read: {e}", code="checkpoint_unreadable")
+            manifest, config = await asyncio.to_thread(_npc_files, str(ckpt))
+        except (CorruptCheckpoint, OSError, ValueError) as e:
+            reason = str(e)
+            # never serve it again: the NPC is failed until it is recreated
+            await self.store.update(model, status="failed", stage="failed", error=reason)
+            raise ApiError(409, f"NPC '{model}' cannot be served: {reason}", param="model",
+                           code="checkpoint_corrupt")
         return rec, ckpt, manifest, config
 
     def build_prompt(self, rec: dict, req: ChatCompletionRequest, tok) -> list[int]:
-        sys_text = system_prompt(rec["name"], rec["persona"])
+        sys_text = system_prompt(rec["name"], rec["persona"], rec.get("card_system_prompt"))
         extra = [m.text() for m in req.messages if m.role in ("system", "developer") and m.text()]
         if extra:
             sys_text += "\n\n" + "\n\n".join(extra)
         msgs = [{"role": "system", "content": sys_text}]
-        msgs += [{"role": m.role if m.role != "tool" else "user", "content": m.text()}
+        turns = [{"role": m.role if m.role != "tool" else "user", "content": m.text()}
                  for m in req.messages if m.role not in ("system", "developer")]
+        if rec.get("greeting") and (not turns or turns[0]["role"] != "assistant"):
+            # the card's greeting opens the conversation, as it does in a chat front-end
+            msgs.append({"role": "assistant", "content": rec["greeting"]})
+        msgs += turns
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
@@ -89,10 +112,12 @@ class ChatServing:
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def prepare(self, req: ChatCompletionRequest):
+    async def prepare(self, req: ChatCompletionRequest, who=None):
         rec = await self.store.get(req.model)
+        if rec is not None and who is not None and not who.owns(rec):
+            rec = None
         try:
-            rec, ckpt, manifest, config = await self.resolve(req.model)
+            rec, ckpt, manifest, config = await self.resolve(req.model, who)
             tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
             prompt = self.build_prompt(rec, req, tok)
             params = self.sampling_params(req, len(prompt), req.stream)
@@ -136,8 +161,8 @@ class ChatServing:
 
     # -- generation -----------------------------------------------------------
 
-    async def complete(self, req: ChatCompletionRequest) -> dict:
-        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req)
+    async def complete(self, req: ChatCompletionRequest, who=None) -> dict:
+        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req, who)
         npc = req.model
         label = metrics.npc_label(npc)
         t0 = time.time()
@@ -180,9 +205,9 @@ class ChatServing:
             "system_fingerprint": "fp_" + manifest.get("base_sha256", "")[:10],
         }
 
-    async def stream(self, req: ChatCompletionRequest):
+    async def stream(self, req: ChatCompletionRequest, who=None):
         """Validate and reserve first (errors become HTTP statuses), then return the event iterator."""
-        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req)
+        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req, who)
         npc = req.model
         label = metrics.npc_label(npc)
         rid = "chatcmpl-" + secrets.token_hex(12)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     )
     base_model: str = Field(DEFAULT_MODEL, description="model name under models_dir, or a HF model dir")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys that see every tenant")
+    api_keys_file: Path | None = Field(None, description="one key per line, '<key> admin' for admins, # comments")
     host: str = "127.0.0.1"
     port: int = 8000
     engine_memory_fraction: float = Field(0.15, gt=0, le=1, description="vLLM gpu_memory_utilization (CPU memory on CPU hosts)")
@@ -37,12 +39,23 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
     prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, v):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    def keys(self) -> dict[str, bool]:
+        """Every accepted key -> whether it is an admin key."""
+        keys = {k: False for k in self.api_keys}
+        keys.update({k: True for k in self.admin_keys})
+        if self.api_keys_file:
+            for line in Path(self.api_keys_file).expanduser().read_text().splitlines():
+                fields = line.split("#", 1)[0].split()
+                if fields:
+                    keys[fields[0]] = len(fields) > 1 and fields[1].lower() == "admin"
+        return keys
 
     @property
     def data(self) -> Path:

@@ -36,18 +36,22 @@ class NpcStore:
         raw = await self.r.get(REC.format(npc_id))
         return json.loads(raw) if raw else None
 
-    async def update(self, npc_id: str, **fields) -> dict | None:
-        """Merge fields into the record atomically (WATCH/MULTI); None if it was deleted."""
+    async def update(self, npc_id: str, _expect: tuple[str, ...] | None = None, **fields) -> dict | None:
+        """Merge fields into the record atomically (WATCH/MULTI).
+
+        None if the record is gone, or (with `_expect`) its status is not one of those.
+        """
         key = REC.format(npc_id)
         async with self.r.pipeline(transaction=True) as p:
             while True:
                 try:
                     await p.watch(key)
                     raw = await p.get(key)
-                    if raw is None:
+                    old = json.loads(raw) if raw is not None else None
+                    if old is None or (_expect and old["status"] not in _expect):
                         await p.unwatch()
                         return None
-                    rec = {**json.loads(raw), **fields, "updated": time.time()}
+                    rec = {**old, **fields, "updated": time.time()}
                     p.multi()
                     p.set(key, json.dumps(rec))
                     await p.execute()

@@ -18,6 +18,8 @@ from service.settings import Settings
 
 QUEUE = "npc:jobs"
 HEARTBEAT = "npc:worker:{}"
+JOB_OWNER = "npc:jobowner:{}"
+IN_PROGRESS = "arq:in-progress:"
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = 15
 
@@ -38,9 +40,31 @@ async def _heartbeat(ctx: dict) -> None:
             await ctx["redis"].set(HEARTBEAT.format(ctx["worker_id"]),
                                    json.dumps({**info, "seen": time.time(), "job": ctx["state"]["job"]}),
                                    ex=HEARTBEAT_TTL)
+            await reap_orphaned_jobs(ctx["redis"])
         except Exception:  # Redis away for a moment: try again next beat
             log.warning("heartbeat failed", exc_info=True)
         await asyncio.sleep(HEARTBEAT_EVERY)
+
+
+async def reap_orphaned_jobs(redis) -> list[str]:
+    """Release jobs whose worker stopped heartbeating (killed, preempted) so another runs them.
+
+    arq marks a running job with an in-progress key that lives as long as the job
+    timeout; a worker killed mid-job would hold its job for that long. A job whose
+    recorded owner has no live heartbeat gets its in-progress key removed, and arq
+    hands it to the next worker that polls (the job itself stays in the queue).
+    """
+    released = []
+    async for key in redis.scan_iter(match=IN_PROGRESS + "*"):
+        job_id = (key.decode() if isinstance(key, bytes) else key)[len(IN_PROGRESS):]
+        owner = await redis.get(JOB_OWNER.format(job_id))
+        if owner is None:  # just started, owner not written yet: cannot tell, leave it
+            continue
+        if not await redis.exists(HEARTBEAT.format(owner.decode())):
+            await redis.delete(key, JOB_OWNER.format(job_id))
+            log.warning("worker %s is gone; job %s released for another worker", owner.decode(), job_id)
+            released.append(job_id)
+    return released
 
 
 def build_worker(settings: Settings, redis_url: str) -> Worker:
@@ -56,9 +80,11 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
 
     async def job_start(ctx: dict) -> None:
         ctx["state"]["job"] = ctx.get("job_id")
+        await ctx["redis"].set(JOB_OWNER.format(ctx["job_id"]), ctx["worker_id"], ex=7 * 24 * 3600)
 
     async def job_end(ctx: dict) -> None:
         ctx["state"]["job"] = None
+        await ctx["redis"].delete(JOB_OWNER.format(ctx["job_id"]))
 
     return Worker(
         functions=[prune_npc],

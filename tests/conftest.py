@@ -53,12 +53,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, models_dir: Path, extra_env: dict | None = None):
+    def __init__(self, data_dir: Path, models_dir: Path, extra_env: dict | None = None,
+                 args: list[str] | None = None, headers: dict | None = None):
         self.data_dir, self.models_dir = data_dir, models_dir
         self.port = free_port()
         self.worker_metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = extra_env or {}
+        self.args = args or []
+        self.headers = headers or {}
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / f"serve-{self.port}.log"
 
@@ -67,8 +70,9 @@ class Server:
                "NPC_PORT": str(self.port),
                "NPC_WORKER_METRICS_PORT": str(self.worker_metrics_port), "NPC_KV_CACHE_BYTES": str(256 << 20), **self.extra_env}
         env.pop("REDIS_URL", None)
+        env.update(self.extra_env)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *self.args], env=env, cwd=ROOT,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -91,14 +95,15 @@ class Server:
                 self.proc.kill()
 
     def create_npc(self, name: str, persona: str, **kw) -> dict:
-        r = httpx.post(self.url + "/v1/npcs", json={"name": name, "persona": persona, **kw}, timeout=30)
+        r = httpx.post(self.url + "/v1/npcs", json={"name": name, "persona": persona, **kw}, timeout=30,
+                       headers=self.headers)
         assert r.status_code == 202, r.text
         return r.json()
 
     def wait_ready(self, npc_id: str, timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            rec = httpx.get(f"{self.url}/v1/npcs/{npc_id}", timeout=10).json()
+            rec = httpx.get(f"{self.url}/v1/npcs/{npc_id}", timeout=10, headers=self.headers).json()
             if rec["status"] in ("ready", "failed"):
                 assert rec["status"] == "ready", rec
                 return rec

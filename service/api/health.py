@@ -27,6 +27,6 @@ async def prometheus_metrics(store=Depends(deps.store)) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/workers", dependencies=[Depends(deps.require_key)])
+@router.get("/v1/workers", dependencies=[Depends(deps.require_admin)])
 async def workers(store=Depends(deps.store)) -> dict:
     return {"object": "list", "data": await live_workers(store.r)}

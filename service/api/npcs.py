@@ -1,63 +1,190 @@
-"""/v1/npcs: create (queue a pruning job), inspect, list, delete."""
+"""/v1/npcs: create (queue a pruning job), inspect, follow, list, cancel/delete."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import re
 import shutil
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
 
 from pruning import PruneError
 from pruning.model_io import resolve_base
 from service.api import deps
+from service.cards import card_to_npc, parse_card
 from service.errors import ApiError
-from service.protocol import Npc, NpcCreate, NpcList
+from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList
 from service.store import new_id
 from service.worker import QUEUE
 
-router = APIRouter(prefix="/v1/npcs", tags=["npcs"], dependencies=[Depends(deps.require_key)])
+router = APIRouter(prefix="/v1/npcs", tags=["npcs"])
+TERMINAL = ("ready", "failed", "cancelled")
+IDEMPOTENCY = "npc:idem:{}:{}"
+IDEMPOTENCY_TTL = 24 * 3600
+MAX_CARD_BYTES = 8 << 20
 
 
-def _public(rec: dict) -> Npc:
+def public(rec: dict) -> Npc:
     return Npc.model_validate({k: v for k, v in rec.items() if k in Npc.model_fields})
 
 
-@router.post("", status_code=202, response_model=Npc)
-async def create_npc(body: NpcCreate, settings=Depends(deps.settings), store=Depends(deps.store),
-                     queue=Depends(deps.queue)) -> Npc:
+async def owned(store, npc_id: str, who: deps.Principal) -> dict:
+    rec = await store.get(npc_id)
+    if rec is None or not who.owns(rec):  # another tenant's NPC does not exist for you
+        raise ApiError(404, f"no NPC with id '{npc_id}'", param="npc_id", code="npc_not_found")
+    return rec
+
+
+def _safe_name(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9 _.'\-]", "", name).strip()[:64]
+    return name if re.match(NAME_PATTERN, name) else "NPC"
+
+
+async def _read_body(request: Request) -> tuple[NpcCreate, dict | None]:
+    """JSON body, or multipart with the card file (PNG or JSON) plus form fields."""
+    ctype = request.headers.get("content-type", "")
+    card = None
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        upload = form.get("card") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "multipart upload needs a 'card' file (PNG or JSON character card)",
+                           param="card")
+        raw = await upload.read(MAX_CARD_BYTES + 1)
+        if len(raw) > MAX_CARD_BYTES:
+            raise ApiError(413, f"card file over {MAX_CARD_BYTES} bytes", param="card")
+        card = parse_card(raw)
+        fields["card"] = card
+        body = fields
+    else:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json")
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        req = NpcCreate.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False))
+    if req.card is not None and card is None:
+        card = parse_card(req.card)
+    if (req.persona is None) == (card is None):
+        raise ApiError(400, "give exactly one of `persona` or `card`", param="persona")
+    if card is None and req.name is None:
+        raise ApiError(400, "`name` is required with `persona`", param="name")
+    return req, card
+
+
+_CREATE_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": NpcCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["card"], "properties": {
+                "card": {"type": "string", "format": "binary", "description": "PNG or JSON character card"},
+                "name": {"type": "string"}, "sparsity": {"type": "number"}, "method": {"type": "string"}}}},
+        },
+    },
+    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+}
+
+
+@router.post("", status_code=202, response_model=Npc, openapi_extra=_CREATE_DOC)
+async def create_npc(request: Request, who=Depends(deps.require_key), settings=Depends(deps.settings),
+                     store=Depends(deps.store), queue=Depends(deps.queue)) -> Npc:
+    req, card = await _read_body(request)
+    fields = {"name": req.name, "persona": req.persona}
+    if card is not None:
+        from_card = card_to_npc(card, settings.max_persona_chars)
+        fields = {**from_card, "name": req.name or _safe_name(from_card["name"])}
     try:
         base = resolve_base(settings.base_model, settings.models)
     except PruneError as e:
         raise ApiError(503, str(e), code="base_model_missing")
+
+    idem_key = request.headers.get("idempotency-key")
     npc_id = new_id()
-    rec = await store.create({"id": npc_id, "name": body.name, "persona": body.persona,
-                              "sparsity": body.sparsity, "method": body.method, "seed": body.seed,
-                              "base": str(base)})
-    job = await queue.enqueue_job("prune_npc", npc_id, _job_id=f"prune:{npc_id}", _queue_name=QUEUE)
-    if job is None:  # arq refuses a duplicate job id: the job already exists
-        pass
-    return _public(rec)
+    if idem_key:
+        if len(idem_key) > 255:
+            raise ApiError(400, "Idempotency-Key longer than 255 characters", param="Idempotency-Key")
+        digest = hashlib.sha256(json.dumps([fields, req.sparsity, req.method, req.seed], sort_keys=True,
+                                           default=str).encode()).hexdigest()
+        slot = IDEMPOTENCY.format(who.tenant, hashlib.sha256(idem_key.encode()).hexdigest())
+        # SET NX: of concurrent requests with one key, exactly one creates the NPC
+        won = await store.r.set(slot, json.dumps({"id": npc_id, "digest": digest}), nx=True, ex=IDEMPOTENCY_TTL)
+        if not won:
+            prior = json.loads(await store.r.get(slot) or "{}")
+            if prior.get("digest") != digest:
+                raise ApiError(409, "Idempotency-Key was already used with a different request",
+                               param="Idempotency-Key", code="idempotency_key_reused")
+            for _ in range(50):  # the winner may still be writing its record
+                rec = await store.get(prior["id"])
+                if rec is not None:
+                    return public(rec)
+                await asyncio.sleep(0.1)
+            raise ApiError(409, "a request with this Idempotency-Key is still being processed",
+                           param="Idempotency-Key", headers={"Retry-After": "1"})
+
+    rec = await store.create({"id": npc_id, **fields, "sparsity": req.sparsity, "method": req.method,
+                              "seed": req.seed, "base": str(base), "owner": who.tenant})
+    await queue.enqueue_job("prune_npc", npc_id, _job_id=f"prune:{npc_id}", _queue_name=QUEUE)
+    return public(rec)
 
 
 @router.get("", response_model=NpcList)
-async def list_npcs(store=Depends(deps.store)) -> NpcList:
-    return NpcList(data=[_public(r) for r in await store.list()])
+async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store)) -> NpcList:
+    return NpcList(data=[public(r) for r in await store.list() if who.owns(r)])
 
 
 @router.get("/{npc_id}", response_model=Npc)
-async def get_npc(npc_id: str, store=Depends(deps.store)) -> Npc:
-    rec = await store.get(npc_id)
-    if rec is None:
-        raise ApiError(404, f"no NPC with id '{npc_id}'", param="npc_id", code="npc_not_found")
-    return _public(rec)
+async def get_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(deps.store)) -> Npc:
+    return public(await owned(store, npc_id, who))
+
+
+@router.get("/{npc_id}/events")
+async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key), store=Depends(deps.store)):
+    """Server-Sent Events: the NPC record each time it changes, until the job ends."""
+    await owned(store, npc_id, who)
+
+    async def events():
+        last = None
+        while True:
+            rec = await store.get(npc_id)
+            if rec is None:
+                yield {"event": "deleted", "data": json.dumps({"id": npc_id})}
+                return
+            body = public(rec).model_dump_json()
+            if body != last:
+                last = body
+                yield {"event": "npc", "data": body}
+            if rec["status"] in TERMINAL:
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.5)
+
+    return EventSourceResponse(events(), ping=15)
 
 
 @router.delete("/{npc_id}")
-async def delete_npc(npc_id: str, settings=Depends(deps.settings), store=Depends(deps.store)) -> dict:
-    rec = await store.get(npc_id)
-    if rec is None:
-        raise ApiError(404, f"no NPC with id '{npc_id}'", param="npc_id", code="npc_not_found")
+async def delete_npc(npc_id: str, who=Depends(deps.require_key), settings=Depends(deps.settings),
+                     store=Depends(deps.store)) -> dict:
+    """A queued or running job is cancelled (the record stays, status `cancelled`); else removed."""
+    rec = await owned(store, npc_id, who)
+    if rec["status"] in ("queued", "running"):
+        stage = "cancelled" if rec["status"] == "queued" else "cancelling"  # a running job confirms
+        cancelled = await store.update(npc_id, _expect=("queued", "running"), status="cancelled",
+                                       stage=stage, eta_s=None)
+        if cancelled is not None:
+            return {"id": npc_id, "object": "npc", "deleted": False, "status": "cancelled"}
     await store.delete(npc_id)
-    # a running job sees the record gone when it finishes and removes its own output
     shutil.rmtree(Path(settings.npcs_dir) / npc_id, ignore_errors=True)
     return {"id": npc_id, "object": "npc", "deleted": True}

@@ -1,0 +1,104 @@
+"""Character cards (Tavern V1, V2, V3; JSON or PNG with a `chara`/`ccv3` text chunk) to NPC fields."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+
+from service.errors import ApiError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_MACROS = re.compile(r"\{\{\s*(char|user)\s*\}\}|<\s*(BOT|USER)\s*>", re.IGNORECASE)
+
+
+def _fail(msg: str) -> ApiError:
+    return ApiError(400, f"character card: {msg}", param="card", code="invalid_card")
+
+
+def _png_card(data: bytes) -> dict:
+    """The card JSON from a PNG's text chunks (ccv3 preferred over chara)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise _fail(f"not a readable PNG ({e})") from None
+    chunks = {k.lower(): v for k, v in getattr(img, "text", {}).items()}
+    for key in ("ccv3", "chara"):
+        if key in chunks:
+            raw = chunks[key]
+            try:
+                decoded = base64.b64decode(raw + "=" * (-len(raw) % 4))
+                return json.loads(decoded.decode("utf-8"))
+            except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+                try:  # some tools store the JSON itself, not base64
+                    return json.loads(raw)
+                except json.JSONDecodeError:
+                    raise _fail(f"the PNG's '{key}' chunk is not base64 JSON") from None
+    raise _fail("the PNG has no 'chara' or 'ccv3' text chunk")
+
+
+def parse_card(payload: dict | bytes | str) -> dict:
+    """Card (dict, JSON text or PNG bytes) -> its fields as one flat dict, V2/V3 data preferred."""
+    if isinstance(payload, (bytes, bytearray)):
+        if bytes(payload[:8]) == PNG_MAGIC:
+            payload = _png_card(bytes(payload))
+        else:
+            try:
+                payload = json.loads(bytes(payload).decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise _fail("file is neither a PNG nor JSON") from None
+    elif isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError:
+            raise _fail("not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise _fail("must be a JSON object")
+    data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    # V1 fields sit at the top level; V2/V3 under data. Hybrid cards have both: data wins.
+    card = {k: v for k, v in payload.items() if k != "data"}
+    card.update({k: v for k, v in data.items() if v not in (None, "")})
+    if not str(card.get("name") or "").strip():
+        raise _fail("has no name")
+    return card
+
+
+def _text(v) -> str:
+    return v.strip() if isinstance(v, str) else ""
+
+
+def substitute(text: str, char: str, user: str = "User") -> str:
+    def repl(m: re.Match) -> str:
+        who = (m.group(1) or m.group(2)).lower()
+        return char if who in ("char", "bot") else user
+
+    return _MACROS.sub(repl, text).replace("\r\n", "\n")
+
+
+def card_to_npc(card: dict, max_chars: int) -> dict:
+    """Persona (description + personality + scenario), system prompt and greeting of a card."""
+    name = _text(card.get("name"))[:64]
+    parts = [_text(card.get("description"))]
+    if _text(card.get("personality")):
+        parts.append(f"Personality: {_text(card.get('personality'))}")
+    if _text(card.get("scenario")):
+        parts.append(f"Scenario: {_text(card.get('scenario'))}")
+    persona = substitute("\n\n".join(p for p in parts if p), name)
+    if not persona.strip():
+        raise _fail("has no description, personality or scenario to build a persona from")
+    truncated = len(persona) > max_chars
+    if truncated:
+        cut = persona[:max_chars]
+        persona = cut[: cut.rfind(" ")] if " " in cut[-200:] else cut
+    return {
+        "name": name,
+        "persona": persona.strip(),
+        "persona_truncated": truncated,
+        "card_system_prompt": substitute(_text(card.get("system_prompt")), name) or None,
+        "greeting": substitute(_text(card.get("first_mes")), name) or None,
+    }
