@@ -11,7 +11,7 @@ from arq.connections import RedisSettings
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 
-from service import errors, redis_embedded
+from service import errors, metrics, redis_embedded
 from service.api import chat, health, npcs
 from service.engines import EnginePool
 from service.serving_chat import ChatServing
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Persona-pruned NPC models behind an OpenAI-compatible API")
     app.state.settings = settings
     app.state.keys = settings.keys()
+    metrics.set_max_npc_labels(settings.max_npc_labels)
     errors.install(app)
 
     @app.middleware("http")

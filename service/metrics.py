@@ -6,18 +6,27 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
-MAX_NPC_LABELS = 500
 OTHER = "_other"
+_max_labels = 500
 _seen: set[str] = set()
 _lock = threading.Lock()
 
 
+def set_max_npc_labels(n: int) -> None:
+    global _max_labels
+    _max_labels = n
+
+
 def npc_label(npc_id: str) -> str:
-    """The NPC's own label for the first MAX_NPC_LABELS NPCs, `_other` past that."""
+    """The NPC's own label for the first `max_npc_labels` NPCs seen, `_other` past that.
+
+    Every NPC series costs Prometheus memory; past the cap, further NPCs are
+    counted together under npc="_other" (totals stay right, per-NPC detail is lost).
+    """
     with _lock:
         if npc_id in _seen:
             return npc_id
-        if len(_seen) < MAX_NPC_LABELS:
+        if len(_seen) < _max_labels:
             _seen.add(npc_id)
             return npc_id
     return OTHER

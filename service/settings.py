@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     calibration_prompts: int = 32
     max_engines: int = Field(2, ge=1, description="vLLM engines (one per NPC shape) kept running")
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
+    max_npc_labels: int = Field(500, ge=1, description="NPCs with their own metric labels; the rest: _other")
     prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")
 
     @field_validator("api_keys", "admin_keys", mode="before")
