@@ -46,6 +46,7 @@ class EnginePool:
         self.settings = settings
         self.slots: dict[tuple, Slot] = {}
         self._starting: dict[tuple, asyncio.Task] = {}
+        self._prewarmed: set[tuple] = set()
 
     # -- engine lifecycle -----------------------------------------------------
 
@@ -130,10 +131,11 @@ class EnginePool:
 
     def prewarm(self, key: tuple, npc_id: str, ckpt: Path, base: str) -> None:
         """Start an engine for a new shape in the background, if there is room for one."""
-        if key in self.slots or key in self._starting:
-            return
+        if key in self.slots or key in self._starting or key in self._prewarmed:
+            return  # once per shape: an explicit unload is not undone behind the user's back
         if len(self.slots) + len(self._starting) >= self.settings.max_engines:
             return
+        self._prewarmed.add(key)
         task = asyncio.ensure_future(self._slot_for(key, npc_id, Path(ckpt), base))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "never retrieved"
 
@@ -205,6 +207,24 @@ class EnginePool:
                 slot.inflight -= 1
                 slot.last_used = time.time()
                 slot.cond.notify_all()
+
+    async def unload(self, npc_id: str) -> bool:
+        """Stop the engine holding this NPC (frees its memory); False if none holds it."""
+        for key, slot in list(self.slots.items()):
+            if slot.npc_id == npc_id:
+                async with slot.cond:
+                    if slot.inflight or slot.waiting:
+                        raise ApiError(409, f"NPC '{npc_id}' is serving requests; unload it when idle",
+                                       code="npc_busy", headers={"Retry-After": "2"})
+                    self.slots.pop(key, None)
+                metrics.EVICTIONS.labels(base=slot.base).inc()
+                try:
+                    slot.engine.shutdown()
+                except Exception:
+                    log.exception("engine shutdown failed")
+                self._update_loaded()
+                return True
+        return False
 
     def describe(self) -> list[dict]:
         return [

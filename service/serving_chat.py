@@ -127,6 +127,14 @@ class ChatServing:
             raise
         return rec, ckpt, manifest, config, tok, prompt, params
 
+    async def load(self, npc_id: str, who=None) -> dict:
+        """Put this NPC's weights into an engine now, so its next chat does not wait for it."""
+        _, ckpt, manifest, config = await self.resolve(npc_id, who)
+        t0 = time.time()
+        async with self.pool.serving(npc_id, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12]):
+            pass
+        return {"id": npc_id, "object": "npc.load", "loaded": True, "seconds": round(time.time() - t0, 3)}
+
     async def prewarm(self, rec: dict) -> None:
         try:
             _, ckpt, manifest, config = await self.resolve(rec["id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 import textwrap
@@ -90,3 +91,33 @@ def test_concurrent_chats_to_two_npcs_all_complete(server, npc_a, npc_b):
     with cf.ThreadPoolExecutor(8) as ex:
         codes = list(ex.map(one, range(12)))
     assert codes == [200] * 12
+
+
+def test_load_unload_and_engine_death(server, npc_a, npc_b):
+    import psutil
+
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", timeout=300)
+    assert r.status_code == 200 and r.json()["loaded"] is True
+    engines = httpx.get(server.url + "/v1/engines").json()["data"]
+    assert [e["npc"] for e in engines] == [npc_b["id"]]
+
+    # kill the engine's core process: requests get a clear error or a restarted engine, never a hang
+    api = psutil.Process(server.proc.pid)
+    cores = [p for p in api.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert cores, [p.cmdline() for p in api.children(recursive=True)]
+    for p in cores:
+        p.kill()
+    time.sleep(2)
+    body = {"model": npc_a["id"], "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    first = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+    assert first.status_code in (200, 503), first.text
+    if first.status_code == 503:
+        assert "engine" in first.json()["error"]["message"].lower()
+    again = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+    assert again.status_code == 200, again.text
+
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/unload", timeout=60)
+    assert r.status_code == 200 and r.json()["unloaded"] is True
+    assert httpx.get(server.url + "/v1/engines").json()["data"] == []
+    assert httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/unload").json()["unloaded"] is False
+    assert httpx.post(f"{server.url}/v1/npcs/npc-nope/load").status_code == 404

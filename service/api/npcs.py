@@ -174,6 +174,20 @@ async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key
     return EventSourceResponse(events(), ping=15)
 
 
+@router.post("/{npc_id}/load")
+async def load_npc(npc_id: str, who=Depends(deps.require_key), chat=Depends(deps.chat)) -> dict:
+    """Preload: start or swap an engine to this NPC now."""
+    return await chat.load(npc_id, who)
+
+
+@router.post("/{npc_id}/unload")
+async def unload_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(deps.store),
+                     engines=Depends(deps.engines)) -> dict:
+    """Stop the engine that holds this NPC, freeing its memory."""
+    await owned(store, npc_id, who)
+    return {"id": npc_id, "object": "npc.unload", "unloaded": await engines.unload(npc_id)}
+
+
 @router.delete("/{npc_id}")
 async def delete_npc(npc_id: str, who=Depends(deps.require_key), settings=Depends(deps.settings),
                      store=Depends(deps.store)) -> dict:
