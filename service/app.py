@@ -11,7 +11,7 @@ from arq.connections import RedisSettings
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 
-from service import errors, metrics, redis_embedded
+from service import ckpt_store, errors, metrics, redis_embedded
 from service.api import chat, health, npcs
 from service.engines import EnginePool
 from service.serving_chat import ChatServing
@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = NpcStore(app.state.redis)
         app.state.queue = await create_pool(RedisSettings.from_dsn(url))
         app.state.engines = EnginePool(settings)
-        app.state.chat = ChatServing(app.state.store, app.state.engines, settings)
+        app.state.ckpts = ckpt_store.from_settings(settings)
+        app.state.chat = ChatServing(app.state.store, app.state.engines, settings, app.state.ckpts)
         warm = asyncio.create_task(_prewarm_loop(app)) if settings.prewarm else None
         try:
             yield

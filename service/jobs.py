@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pruning import PruneCancelled, PruneError
 from service import metrics
+from service.ckpt_store import from_settings
 from service.store import NpcStore
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,19 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         cancel.set()
         watcher.cancel()
     stages[current[0]] = round(time.time() - current[1], 3)
+    ckpts = from_settings(settings)
+    try:
+        ref = await asyncio.to_thread(ckpts.publish, out, npc_id)
+    except Exception as e:
+        log.exception("publishing %s failed", npc_id)
+        await store.update(npc_id, status="failed", stage="failed", error=f"checkpoint store: {e}", eta_s=None)
+        return "failed"
     stages["total"] = round(time.time() - started, 3)
     done = await store.update(npc_id, _expect=("running",), status="ready", stage="ready", progress=1.0,
-                              checkpoint=str(out), eta_s=0, ready_at=time.time(), timings=stages,
+                              checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages,
                               kept_per_layer=summary["kept_per_layer"])
     if done is None:  # deleted or cancelled at the very end: leave nothing behind
+        await asyncio.to_thread(ckpts.delete, ref)
         shutil.rmtree(out, ignore_errors=True)
         return "cancelled"
     return "ready"

@@ -49,8 +49,8 @@ def _tokenizer(ckpt: str, base_sha: str):
 
 
 class ChatServing:
-    def __init__(self, store: NpcStore, pool: EnginePool, settings):
-        self.store, self.pool, self.settings = store, pool, settings
+    def __init__(self, store: NpcStore, pool: EnginePool, settings, ckpts=None):
+        self.store, self.pool, self.settings, self.ckpts = store, pool, settings, ckpts
 
     async def resolve(self, model: str, who=None) -> tuple[dict, Path, dict, dict]:
         rec = await self.store.get(model)
@@ -60,8 +60,8 @@ class ChatServing:
         if rec["status"] != "ready":
             raise ApiError(409, f"NPC '{model}' is not ready (status: {rec['status']}); "
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
-        ckpt = Path(rec["checkpoint"])
         try:
+            ckpt = await asyncio.to_thread(self.ckpts.fetch, rec["checkpoint"])
             manifest, config = await asyncio.to_thread(_npc_files, str(ckpt))
         except (CorruptCheckpoint, OSError, ValueError) as e:
             reason = str(e)
@@ -69,6 +69,9 @@ class ChatServing:
             await self.store.update(model, status="failed", stage="failed", error=reason)
             raise ApiError(409, f"NPC '{model}' cannot be served: {reason}", param="model",
                            code="checkpoint_corrupt")
+        except Exception as e:  # the store is unreachable: not the NPC's fault, try again later
+            raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}: {e}",
+                           code="store_unavailable", headers={"Retry-After": "5"})
         return rec, ckpt, manifest, config
 
     def build_prompt(self, rec: dict, req: ChatCompletionRequest, tok) -> list[int]:

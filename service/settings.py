@@ -22,6 +22,7 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("REDIS_URL", "NPC_REDIS_URL"),
         description="unset: an embedded Redis server persisted in the data dir",
     )
+    store_url: str | None = Field(None, description="checkpoint store URL (s3://bucket/prefix); unset: data dir")
     base_model: str = Field(DEFAULT_MODEL, description="model name under models_dir, or a HF model dir")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys that see every tenant")

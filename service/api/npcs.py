@@ -189,7 +189,7 @@ async def unload_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(d
 
 
 @router.delete("/{npc_id}")
-async def delete_npc(npc_id: str, who=Depends(deps.require_key), settings=Depends(deps.settings),
+async def delete_npc(npc_id: str, request: Request, who=Depends(deps.require_key), settings=Depends(deps.settings),
                      store=Depends(deps.store)) -> dict:
     """A queued or running job is cancelled (the record stays, status `cancelled`); else removed."""
     rec = await owned(store, npc_id, who)
@@ -201,4 +201,6 @@ async def delete_npc(npc_id: str, who=Depends(deps.require_key), settings=Depend
             return {"id": npc_id, "object": "npc", "deleted": False, "status": "cancelled"}
     await store.delete(npc_id)
     shutil.rmtree(Path(settings.npcs_dir) / npc_id, ignore_errors=True)
+    if rec.get("checkpoint"):
+        await asyncio.to_thread(request.app.state.ckpts.delete, rec["checkpoint"])
     return {"id": npc_id, "object": "npc", "deleted": True}

@@ -1,0 +1,84 @@
+"""Checkpoint store over S3 (moto's S3-compatible server on loopback) and the local default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pruning.export import MANIFEST, CorruptCheckpoint, verify_checkpoint
+from pruning.model_io import sha256_file
+from service.ckpt_store import CheckpointStore
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def s3(monkeypatch_module=None):
+    import os
+
+    moto_server = pytest.importorskip("moto.server")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="npcs")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _checkpoint(d):
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+    (d / "config.json").write_text(json.dumps({"intermediate_size": 8}))
+    files = {f.name: sha256_file(f) for f in d.iterdir()}
+    (d / MANIFEST).write_text(json.dumps({"files": files}))
+    (d / MANIFEST).write_text(json.dumps({"files": files}))
+    return d
+
+
+def test_local_store_is_the_directory(tmp_path):
+    d = _checkpoint(tmp_path / "npc-1")
+    store = CheckpointStore(None, tmp_path / "cache")
+    assert store.publish(d, "npc-1") == str(d)
+    assert store.fetch(str(d)) == d
+    verify_checkpoint(d)
+
+
+def test_s3_publish_fetch_verify(tmp_path, s3):
+    d = _checkpoint(tmp_path / "npc-2")
+    opts = {"client_kwargs": {"endpoint_url": s3}}
+    store = CheckpointStore("s3://npcs/prod", tmp_path / "cache", opts)
+    ref = store.publish(d, "npc-2")
+    assert ref == "s3://npcs/prod/npc-2"
+    local = store.fetch(ref)
+    assert local != d and (local / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
+    verify_checkpoint(local)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+    # another host's cache: a corrupted object in the store is refused, nothing half-written is kept
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(ref, **opts)
+    fs.pipe_file("npcs/prod/npc-2/model.safetensors", b"garbage")
+    other = CheckpointStore("s3://npcs/prod", tmp_path / "cache2", opts)
+    with pytest.raises(CorruptCheckpoint, match="sha256"):
+        other.fetch(ref)
+    assert not (tmp_path / "cache2" / "npc-2").exists()
+    assert not [p for p in (tmp_path / "cache2").iterdir()]
+
+    # no manifest = not committed: never fetched
+    fs.rm("npcs/prod/npc-2/manifest.json")
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        CheckpointStore("s3://npcs/prod", tmp_path / "cache3", opts).fetch(ref)
+
+    store.delete(ref)
+    assert not fs.exists("npcs/prod/npc-2")
