@@ -144,7 +144,10 @@ def test_chat_not_ready_is_409_then_delete(server, openai_schemas):
     r = httpx.post(server.url + "/v1/chat/completions",
                    json={"model": rec["id"], "messages": [{"role": "user", "content": "hi"}]})
     assert _error(r, 409, openai_schemas)["code"] == "npc_not_ready"
-    r = httpx.delete(f"{server.url}/v1/npcs/{rec['id']}")
+    r = httpx.delete(f"{server.url}/v1/npcs/{rec['id']}")  # queued or running: cancelled, record kept
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert httpx.get(f"{server.url}/v1/npcs/{rec['id']}").json()["status"] == "cancelled"
+    r = httpx.delete(f"{server.url}/v1/npcs/{rec['id']}")  # then removed
     assert r.status_code == 200 and r.json()["deleted"] is True
     assert httpx.get(f"{server.url}/v1/npcs/{rec['id']}").status_code == 404
 
