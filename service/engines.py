@@ -86,9 +86,13 @@ class EnginePool:
         victim = min(idle, key=lambda sl: sl.last_used)
         log.info("evicting engine %s (NPC %s) for shape %s", victim.key, victim.npc_id, key)
         self.slots.pop(victim.key)
-        metrics.EVICTIONS.labels(base=victim.base).inc()
+        self._stop(victim)
+
+    def _stop(self, slot: Slot) -> None:
+        """Stop a slot's engine (already out of `slots`); its NPC leaves."""
+        metrics.EVICTIONS.labels(base=slot.base).inc()
         try:
-            victim.engine.shutdown()
+            slot.engine.shutdown()
         except Exception:
             log.exception("engine shutdown failed")
         self._update_loaded()
@@ -217,12 +221,7 @@ class EnginePool:
                         raise ApiError(409, f"NPC '{npc_id}' is serving requests; unload it when idle",
                                        code="npc_busy", headers={"Retry-After": "2"})
                     self.slots.pop(key, None)
-                metrics.EVICTIONS.labels(base=slot.base).inc()
-                try:
-                    slot.engine.shutdown()
-                except Exception:
-                    log.exception("engine shutdown failed")
-                self._update_loaded()
+                self._stop(slot)
                 return True
         return False
 
