@@ -7,6 +7,7 @@ intermediate channel per layer; `export` keeps the top-k of each layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +26,18 @@ class PruneContext:
     seed: int = 0
     max_length: int = 256
     progress: Callable[[float], None] = lambda f: None
+    # optional, used by methods that need more than calibration prompts (persona-pruner)
+    sparsity: float | None = None             # the target sparsity (export keeps keep_count(C, sparsity))
+    system_prompt: str | None = None          # the chat-time system prompt; None: the persona text
+    options: dict = field(default_factory=dict)  # method options, e.g. {"profile": "fast", "steps": 10}
+    cache_dir: Path | None = None             # reusable intermediate data (synthetic sets); None: default
+    base_id: str | None = None                # identifies the base weights in cache keys (sha256)
+    stage: Callable[[str], None] = lambda name: None  # the method's current stage, for progress reports
+    info: dict = field(default_factory=dict)  # what a method reports back (goes into the manifest)
+
+    @property
+    def chat_system(self) -> str:
+        return self.system_prompt if self.system_prompt else self.persona
 
 
 def register(name: str):
@@ -116,3 +129,4 @@ def score_activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor
         raise PruneError("activation-persona method needs calibration prompts")
     acts = activation_norms(model, tok, ctx.calibration, ctx, system=ctx.persona)
     return [a * w for a, w in zip(acts, down_column_norms(model))]
+

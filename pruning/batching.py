@@ -1,0 +1,189 @@
+"""Batched chat forwards with a shared-prefix KV cache, and channel masks on the FFNs.
+
+Every Persona-Pruner stage runs many chats that share one system prompt. The shared token
+prefix is run once (batch 1) and its keys/values are reused by every batch of suffixes
+(right padded, explicit position ids), which is exact and, for long persona prompts,
+several times cheaper than re-running the prompt for every row.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from pruning.model_io import ffn_blocks
+
+
+# -- token ids --------------------------------------------------------------
+
+
+def _messages(user: str, system: str | None, assistant: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": user})
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": assistant})
+    return msgs
+
+
+def prompt_ids(tok, user: str, system: str | None = None) -> list[int]:
+    """Token ids of a chat prompt that ends with the assistant generation header."""
+    text = tok.apply_chat_template(_messages(user, system), add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def end_of_turn_id(tok) -> int | None:
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i >= 0:
+            return i
+    return tok.eos_token_id
+
+
+def answer_ids(tok, answer: str, finished: bool = True) -> list[int]:
+    """The assistant tokens a model is trained/scored on: the answer, plus end-of-turn if it ended."""
+    ids = list(tok(answer, add_special_tokens=False)["input_ids"])
+    eot = end_of_turn_id(tok)
+    if finished and eot is not None:
+        ids.append(eot)
+    return ids
+
+
+@dataclass
+class Example:
+    """One teacher-forced chat: `ids` = prompt + answer; the loss covers ids[n_prompt:]."""
+
+    ids: list[int]
+    n_prompt: int
+
+
+def make_examples(tok, system: str | None, questions: list[str], answers: list[str],
+                  finished: list[bool] | None = None, max_length: int = 512) -> list[Example]:
+    out = []
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        p = prompt_ids(tok, q, system)
+        ans = answer_ids(tok, a, True if finished is None else finished[i])
+        ids = (p + ans)[:max_length]
+        if len(ids) > len(p):  # at least one scored token
+            out.append(Example(ids, len(p)))
+    return out
+
+
+def common_prefix_len(seqs: list[list[int]], limit: int | None = None) -> int:
+    """Length of the longest shared token prefix, capped at `limit`."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    if limit is not None:
+        n = min(n, limit)
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+# -- shared-prefix forwards ---------------------------------------------------
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prefix_kv(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Keys/values of every layer for one token prefix (batch 1), detached."""
+    if not ids:
+        return None
+    dev = model_device(model)
+    out = model.model(input_ids=torch.tensor([ids], device=dev), use_cache=True)
+    cache = out.past_key_values
+    kv = []
+    for layer in cache.layers:
+        kv.append((layer.keys.detach(), layer.values.detach()))
+    return kv
+
+
+def _cache_for(model, kv, batch: int):
+    from transformers import DynamicCache
+
+    if kv is None:
+        return None
+    data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    return DynamicCache(ddp_cache_data=data, config=model.config)
+
+
+def suffix_inputs(suffixes: list[list[int]], prefix_len: int, pad_id: int, device):
+    """Right-padded suffix ids, the full (prefix + suffix) attention mask, and position ids."""
+    B, T = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, prefix_len + T), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, prefix_len: prefix_len + len(s)] = 1
+    pos = (torch.arange(T) + prefix_len).unsqueeze(0).expand(B, -1)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def forward_suffixes(model, kv, prefix_len: int, suffixes: list[list[int]], pad_id: int):
+    """Final hidden states (B, T, H) of right-padded suffixes that continue a shared prefix."""
+    dev = model_device(model)
+    ids, mask, pos = suffix_inputs(suffixes, prefix_len, pad_id, dev)
+    cache = _cache_for(model, kv, len(suffixes))
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=cache is not None)
+    return out.last_hidden_state
+
+
+def pad_id_of(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), order deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# -- channel masks on FFN intermediates ----------------------------------------
+
+
+@contextmanager
+def channel_mask(model, masks):
+    """Multiply each FFN's intermediate activation (down_proj input) by a per-channel mask.
+
+    `masks` is a list (one per layer) of (C,) tensors, or a callable layer -> tensor that is
+    evaluated on every forward (so masks that depend on trainable scores stay live).
+    """
+    blocks = ffn_blocks(model)
+    get = masks if callable(masks) else (lambda i: masks[i])
+    hooks = []
+    for i, b in enumerate(blocks):
+        def pre(_m, args, i=i):
+            m = get(i)
+            if m is None:
+                return None
+            x = args[0]
+            return (x * m.to(dtype=x.dtype, device=x.device),) + tuple(args[1:])
+
+        hooks.append(b.down_proj.register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def kept_masks(model, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for b, idx in zip(ffn_blocks(model), kept):
+        m = torch.zeros(b.down_proj.in_features)
+        m[idx] = 1.0
+        out.append(m)
+    return out

@@ -1,0 +1,155 @@
+"""Core metrics of a pruned model against its dense base.
+
+- ``kl_to_dense``: mean per-token KL(dense || pruned), both given the same system prompt,
+  teacher-forced on the dense model's greedy answers to the eval questions;
+- ``nll``: the pruned model's mean per-token negative log-likelihood of those answers
+  (``nll_dense`` is the dense model's own, for reference).
+
+Measure them with the persona as the system prompt (persona questions) and without one
+(general questions). A pruned model is given either as 0/1 channel masks applied to the
+dense model (cheap, identical to the exported checkpoint) or as a separate model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pruning import PruneError
+from pruning.batching import (channel_mask, common_prefix_len, forward_suffixes, kept_masks, length_batches,
+                              make_examples, pad_id_of, prefix_kv)
+from pruning.synth import generate_detailed
+
+
+@dataclass
+class EvalSet:
+    name: str
+    system: str | None
+    questions: list[str]
+    persona: str | None = None
+
+
+def _as_text(x) -> str | None:
+    if isinstance(x, str):
+        return x.strip() or None
+    if isinstance(x, dict):
+        for key in ("pos", "content", "text", "system_prompt", "instruction"):
+            if isinstance(x.get(key), str) and x[key].strip():
+                return x[key].strip()
+    if isinstance(x, list):
+        for item in x:
+            t = _as_text(item)
+            if t:
+                return t
+    return None
+
+
+def load_eval_file(path: str | Path, *, with_persona: bool = True, limit: int | None = None) -> EvalSet:
+    """An eval JSON: `questions` plus `system_prompt` / `instruction` / `persona_description`.
+
+    `with_persona=False` keeps the questions and drops the system prompt (general use).
+    """
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PruneError(f"cannot read eval file {p}: {e}") from None
+    if isinstance(d, list):
+        d = {"questions": d}
+    qs = []
+    for q in d.get("questions") or d.get("prompts") or []:
+        t = _as_text(q) if not isinstance(q, dict) else (q.get("question") or q.get("instruction") or _as_text(q))
+        if t:
+            qs.append(t.strip())
+    if not qs:
+        raise PruneError(f"{p}: no questions")
+    persona = _as_text(d.get("persona_description") or d.get("persona"))
+    system = _as_text(d.get("system_prompt")) or _as_text(d.get("instruction")) or persona
+    return EvalSet(p.stem, system if with_persona else None, qs[:limit] if limit else qs, persona)
+
+
+class Evaluator:
+    """Dense greedy answers and dense log-probs for one (system, questions) set, computed once;
+    then `score(masks)` / `score(model=...)` gives the metrics of any pruned variant."""
+
+    def __init__(self, dense_model, tok, system: str | None, questions: list[str], *, max_new_tokens: int = 96,
+                 answers: list[str] | None = None, finished: list[bool] | None = None, batch_size: int = 8,
+                 gen_batch_size: int = 16):
+        self.tok, self.system, self.batch_size = tok, system, batch_size
+        self.model = dense_model
+        if answers is None:
+            pairs = generate_detailed(dense_model, tok, system, questions, max_new_tokens, batch_size=gen_batch_size)
+            answers, finished = [a for a, _ in pairs], [f for _, f in pairs]
+        self.questions, self.answers, self.finished = questions, answers, finished
+        self.examples = make_examples(tok, system, questions, answers, finished, max_length=1024)
+        self.P = common_prefix_len([e.ids for e in self.examples],
+                                   limit=min(e.n_prompt for e in self.examples) - 1)
+        self.batches = length_batches([len(e.ids) for e in self.examples], batch_size)
+        self.dense_logp: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        for lp, tgt in self._logps(dense_model, None):
+            self.dense_logp.append(lp)
+            self.targets.append(tgt)
+        n = sum(len(t) for t in self.targets)
+        self.dense_nll = float(sum(F.nll_loss(lp, t, reduction="sum") for lp, t in zip(self.dense_logp, self.targets)) / n)
+        self.tokens = n
+
+    @torch.no_grad()
+    def _logps(self, model, masks):
+        pad = pad_id_of(self.tok)
+        ctx = channel_mask(model, masks) if masks is not None else _null()
+        with ctx:
+            kv = prefix_kv(model, self.examples[0].ids[: self.P]) if self.P > 0 else None
+            for idx in self.batches:
+                sfx = [self.examples[i].ids[self.P:] for i in idx]
+                hidden = forward_suffixes(model, kv, self.P, sfx, pad)
+                rows, cols, tgt = [], [], []
+                for r, i in enumerate(idx):
+                    e = self.examples[i]
+                    for t in range(e.n_prompt, len(e.ids)):
+                        rows.append(r)
+                        cols.append(t - 1 - self.P)
+                        tgt.append(e.ids[t])
+                h = hidden[torch.tensor(rows), torch.tensor(cols)]
+                yield F.log_softmax(model.lm_head(h).float(), dim=-1).cpu(), torch.tensor(tgt)
+
+    def score(self, masks: list[torch.Tensor] | None = None, *, model=None, kept=None) -> dict:
+        """Metrics of the dense model under 0/1 `masks` (or `kept` indices), or of another `model`."""
+        m = model if model is not None else self.model
+        if kept is not None:
+            masks = kept_masks(self.model, kept)
+        kl_sum, nll_sum = 0.0, 0.0
+        for b, (lq, tgt) in enumerate(self._logps(m, masks)):
+            lp = self.dense_logp[b]
+            kl_sum += float((lp.exp() * (lp - lq)).sum())
+            nll_sum += float(F.nll_loss(lq, tgt, reduction="sum"))
+        return {"kl_to_dense": kl_sum / self.tokens, "nll": nll_sum / self.tokens, "nll_dense": self.dense_nll,
+                "tokens": self.tokens}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def kl_to_dense(dense_model, pruned_model, tok, system: str | None, questions: list[str], *,
+                max_new_tokens: int = 96, answers: list[str] | None = None) -> dict:
+    """One-shot: metrics of `pruned_model` against `dense_model` on `questions` under `system`."""
+    return Evaluator(dense_model, tok, system, questions, max_new_tokens=max_new_tokens,
+                     answers=answers).score(model=pruned_model)
+
+
+def evaluate_kept(dense_model, tok, kept: list[torch.Tensor], sets: dict[str, EvalSet], *,
+                  max_new_tokens: int = 96) -> dict:
+    """{set name: metrics} of the masked dense model (identical to the export of `kept`)."""
+    out = {}
+    for name, s in sets.items():
+        out[name] = Evaluator(dense_model, tok, s.system, s.questions, max_new_tokens=max_new_tokens).score(kept=kept)
+    return out

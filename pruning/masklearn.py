@@ -1,0 +1,397 @@
+"""Mask learning: one real score per FFN channel, trained through a hard top-k mask.
+
+The model's weights stay frozen. Every FFN's intermediate activation (the input of
+down_proj) is multiplied by a per-layer mask derived from the scores:
+
+- ``ste``       forward: the hard top-k mask (exactly what export keeps); backward: the
+                straight-through estimator, d mask / d score = 1 (``ste_grad="identity"``)
+                or the slope of sigmoid((s - t_l) / T) around the layer's threshold t_l
+                (``ste_grad="sigmoid"``).
+- ``gumbel``    binary Gumbel-softmax (logistic noise on the scores, temperature T),
+                hard top-k of the noisy scores forward, straight-through backward.
+- ``soft-topk`` forward sigmoid((s - t_l) / T) with t_l between the k-th and (k+1)-th score
+                (a relaxed mask; only the final top-k is exported).
+
+Loss on the assistant tokens of (system=persona, user=instruction, assistant=answer)
+examples: ce_weight * cross-entropy + kl_weight * KL(dense-with-persona || masked). The dense
+distributions are computed once (no grad) and kept as top-K log-probs plus one tail bucket.
+Scores start from the activation importance measured on the same examples, normalised per
+layer (z-score of the log), and only the scores are optimised (Adam). The shared system
+prompt is re-encoded under the current hard mask (no grad) every step and its KV cache
+reused by the batch: the forward is exact; the gradient ignores the path through the
+prefix's keys/values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pruning import PruneError
+from pruning.batching import (Example, channel_mask, common_prefix_len, forward_suffixes, kept_masks,
+                              length_batches, pad_id_of, prefix_kv)
+from pruning.model_io import ffn_blocks
+
+VARIANTS = ("ste", "gumbel", "soft-topk")
+
+
+@dataclass(frozen=True)
+class MaskLearnConfig:
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 0.05
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    variant: str = "ste"
+    ste_grad: str = "identity"        # "identity" | "sigmoid"
+    temperature: float = 0.5          # gumbel / soft-topk / sigmoid-STE slope, in score units
+    kl_topk: int = 64                 # dense distribution kept as top-K + tail bucket
+    init: str = "activation"          # "activation" | "magnitude" | "random"
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_length: int = 512
+
+
+def _hard_topk(s: torch.Tensor, k: int) -> torch.Tensor:
+    """(L, C) 0/1 mask of the k largest per row (ties broken by index, deterministic)."""
+    idx = torch.topk(s, k, dim=-1, sorted=False).indices
+    return torch.zeros_like(s).scatter_(-1, idx, 1.0)
+
+
+def _threshold(s: torch.Tensor, k: int) -> torch.Tensor:
+    """(L, 1) midpoint between the k-th and (k+1)-th largest score of each row."""
+    top = torch.topk(s, min(k + 1, s.shape[-1]), dim=-1).values
+    if k >= s.shape[-1]:
+        return top[:, -1:] - 1.0
+    return 0.5 * (top[:, k - 1: k] + top[:, k: k + 1])
+
+
+class ChannelScores(torch.nn.Module):
+    """(L, C) real scores and the mask each variant derives from them."""
+
+    def __init__(self, init: torch.Tensor, k: int, cfg: MaskLearnConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise PruneError(f"unknown mask variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.scores = torch.nn.Parameter(init.clone().float())
+        self.k, self.cfg = k, cfg
+        self._current: torch.Tensor | None = None
+
+    def hard(self) -> torch.Tensor:
+        return _hard_topk(self.scores.detach(), self.k)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The (L, C) training mask for one step (carries gradient to the scores)."""
+        s, cfg, k = self.scores, self.cfg, self.k
+        T = max(cfg.temperature, 1e-4)
+        if cfg.variant == "ste":
+            hard = _hard_topk(s.detach(), k)
+            if cfg.ste_grad == "sigmoid":
+                soft = torch.sigmoid((s - _threshold(s.detach(), k)) / T)
+            else:
+                soft = s
+            m = hard + (soft - soft.detach())
+        elif cfg.variant == "gumbel":
+            u = torch.rand(s.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+            noisy = s + (torch.log(u) - torch.log1p(-u)) * T
+            hard = _hard_topk(noisy.detach(), k)
+            soft = torch.sigmoid((noisy - _threshold(noisy.detach(), k)) / T)
+            m = hard + (soft - soft.detach())
+        else:  # soft-topk
+            m = torch.sigmoid((s - _threshold(s.detach(), k)) / T)
+        self._current = m
+        return m
+
+    def layer_mask(self, i: int) -> torch.Tensor | None:
+        return None if self._current is None else self._current[i]
+
+
+# -- data passes -------------------------------------------------------------------
+
+
+def _positions(examples: list[Example], idx: list[int], P: int):
+    """Rows/cols (suffix coordinates) whose outputs predict the scored tokens, and the targets."""
+    rows, cols, tgt = [], [], []
+    for r, i in enumerate(idx):
+        e = examples[i]
+        for t in range(e.n_prompt, len(e.ids)):
+            rows.append(r)
+            cols.append(t - 1 - P)
+            tgt.append(e.ids[t])
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(tgt)
+
+
+def _logp_at(model, hidden, rows, cols) -> torch.Tensor:
+    h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    return F.log_softmax(model.lm_head(h).float(), dim=-1)
+
+
+@dataclass
+class DenseTargets:
+    """Per batch: positions and the dense top-K log-probs (+ tail) at each scored token."""
+
+    batches: list[list[int]]
+    pos: list[tuple]
+    top_idx: list[torch.Tensor]
+    top_logp: list[torch.Tensor]
+    tail_logp: list[torch.Tensor]
+
+
+@torch.no_grad()
+def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_topk: int,
+               act: bool = True, progress: Callable[[float], None] = lambda f: None):
+    """One no-grad pass of the unmasked model: KL targets and per-channel activation norms."""
+    blocks = ffn_blocks(model)
+    sq = [torch.zeros(b.down_proj.in_features, dtype=torch.float64) for b in blocks]
+    state = {"mask": None}
+
+    def hook(_m, args, i):
+        a = args[0].detach()
+        if state["mask"] is not None:  # only real (non-pad) tokens
+            a = a[state["mask"]]
+        a = a.reshape(-1, a.shape[-1]).double()
+        sq[i] += (a * a).sum(0).cpu()
+
+    handles = [b.down_proj.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i)) for i, b in enumerate(blocks)]
+    pad = pad_id_of(tok)
+    try:
+        kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
+        for s in sq:  # the prefix is seen once per example
+            s.mul_(len(examples))
+        batches = length_batches([len(e.ids) for e in examples], batch_size)
+        t = DenseTargets(batches, [], [], [], [])
+        for n, idx in enumerate(batches):
+            sfx = [examples[i].ids[P:] for i in idx]
+            T = max(len(x) for x in sfx)
+            state["mask"] = torch.tensor([[c < len(x) for c in range(T)] for x in sfx])
+            hidden = forward_suffixes(model, kv, P, sfx, pad)
+            state["mask"] = None
+            rows, cols, tgt = _positions(examples, idx, P)
+            logp = _logp_at(model, hidden, rows, cols)
+            top = torch.topk(logp, kl_topk, dim=-1)
+            tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
+            t.pos.append((rows, cols, tgt))
+            t.top_idx.append(top.indices)
+            t.top_logp.append(top.values)
+            t.tail_logp.append(tail)
+            progress((n + 1) / len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+    return t, [s.sqrt().float() for s in sq]
+
+
+def _kl_topk(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
+    """Per-token KL(p || q) over the K dense-top tokens plus one bucket for the rest."""
+    q_top = logq.gather(-1, top_idx)
+    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    p_top = top_logp.exp()
+    kl = (p_top * (top_logp - q_top)).sum(-1) + tail_logp.exp() * (tail_logp - q_tail)
+    return kl
+
+
+def _batch_loss(model, hidden, dt: DenseTargets, b: int, cfg: MaskLearnConfig):
+    rows, cols, tgt = dt.pos[b]
+    logq = _logp_at(model, hidden, rows, cols)
+    ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
+    kl = _kl_topk(logq, dt.top_idx[b], dt.top_logp[b], dt.tail_logp[b])
+    return ce, kl
+
+
+@torch.no_grad()
+def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor] | None, P: int | None = None,
+                  batch_size: int = 8, dense: DenseTargets | None = None) -> dict:
+    """Token-mean CE (and KL to `dense`, when given) of the model under fixed 0/1 masks."""
+    if P is None:
+        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+    pad = pad_id_of(tok)
+    ce_sum, kl_sum, n = 0.0, 0.0, 0
+    ctx = channel_mask(model, masks) if masks is not None else _null()
+    with ctx:
+        kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
+        batches = dense.batches if dense is not None else length_batches([len(e.ids) for e in examples], batch_size)
+        for b, idx in enumerate(batches):
+            sfx = [examples[i].ids[P:] for i in idx]
+            hidden = forward_suffixes(model, kv, P, sfx, pad)
+            rows, cols, tgt = _positions(examples, idx, P)
+            logq = _logp_at(model, hidden, rows, cols)
+            ce_sum += float(F.nll_loss(logq, tgt.to(logq.device), reduction="sum"))
+            if dense is not None:
+                kl_sum += float(_kl_topk(logq, dense.top_idx[b], dense.top_logp[b], dense.tail_logp[b]).sum())
+            n += len(tgt)
+    out = {"ce": ce_sum / max(n, 1), "tokens": n}
+    if dense is not None:
+        out["kl"] = kl_sum / max(n, 1)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# -- initial scores ------------------------------------------------------------------
+
+
+def _normalise(s: torch.Tensor) -> torch.Tensor:
+    """Per-layer z-score of log importance: comparable scales for Adam in every layer."""
+    x = torch.log(s.float().clamp_min(1e-12))
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
+def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int) -> list[torch.Tensor]:
+    """Per-channel empirical Fisher of the mask at 1: sum over examples of (d CE_e / d m_j)^2."""
+    blocks = ffn_blocks(model)
+    C = blocks[0].down_proj.in_features
+    fisher = torch.zeros(len(blocks), C, dtype=torch.float64)
+    pad = pad_id_of(tok)
+    kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
+    for idx in length_batches([len(e.ids) for e in examples], batch_size):
+        m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
+        with channel_mask(model, lambda i: m[i]):
+            hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
+            rows, cols, tgt = _positions(examples, idx, P)
+            logq = _logp_at(model, hidden, rows, cols)
+            ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
+            per_ex = torch.zeros(len(idx)).index_add(0, rows, ce.float().cpu())
+            counts = torch.bincount(rows, minlength=len(idx)).clamp_min(1)
+            (per_ex / counts).sum().backward()
+        fisher += (m.grad[:, :, 0, :].double() ** 2).sum(1)
+    return list(fisher.float())
+
+
+def initial_scores(model, act_norms: list[torch.Tensor], how: str, seed: int,
+                   fisher: list[torch.Tensor] | None = None) -> torch.Tensor:
+    blocks = ffn_blocks(model)
+    if how == "fisher":
+        raw = fisher
+    elif how == "act-fisher":
+        a = initial_scores(model, act_norms, "activation", seed)
+        f = torch.stack([_normalise(x) for x in fisher])
+        return (a + f) / 2
+    elif how == "activation":
+        raw = [a * b.down_proj.weight.detach().float().norm(dim=0).cpu() for a, b in zip(act_norms, blocks)]
+    elif how == "magnitude":
+        raw = [(b.gate_proj.weight.detach().float().norm(dim=1) * b.up_proj.weight.detach().float().norm(dim=1)
+                * b.down_proj.weight.detach().float().norm(dim=0)).cpu() for b in blocks]
+    elif how == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(len(blocks), blocks[0].down_proj.in_features, generator=g)
+    else:
+        raise PruneError(f"unknown init {how!r}")
+    return torch.stack([_normalise(r) for r in raw])
+
+
+# -- the loop ------------------------------------------------------------------------
+
+
+@dataclass
+class LearnResult:
+    scores: list[torch.Tensor]
+    init_scores: list[torch.Tensor]
+    history: list[dict]
+    seconds: float
+    config: dict
+
+
+def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
+                 progress: Callable[[float], None] = lambda f: None, log_every: int = 0,
+                 init_scores: list[torch.Tensor] | None = None) -> LearnResult:
+    """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher."""
+    if not examples:
+        raise PruneError("mask learning needs at least one training example")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = list(model.parameters())
+    was_grad = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        dense, acts = dense_pass(model, tok, examples, P, cfg.batch_size, cfg.kl_topk,
+                                 progress=lambda f: progress(0.1 * f))
+        fisher = fisher_diag(model, tok, examples, P, cfg.batch_size) if cfg.init in ("fisher", "act-fisher") else None
+        if init_scores is None:
+            init = initial_scores(model, acts, cfg.init, cfg.seed, fisher)
+        else:
+            init = torch.stack([x.float() for x in init_scores])
+        sc = ChannelScores(init, k, cfg)
+        opt = torch.optim.Adam([sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        pad = pad_id_of(tok)
+        history: list[dict] = []
+        n_b = len(dense.batches)
+        order: list[int] = []
+        for step in range(cfg.steps):
+            if not order:
+                order = torch.randperm(n_b, generator=gen).tolist()
+            b = order.pop()
+            idx = dense.batches[b]
+            hard = sc.hard()
+            with channel_mask(model, list(hard)):
+                kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
+            m = sc.sample(gen)
+            with channel_mask(model, sc.layer_mask):
+                hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
+                ce, kl = _batch_loss(model, hidden, dense, b, cfg)
+                loss = cfg.ce_weight * ce.mean() + cfg.kl_weight * kl.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sc._current = None
+            del m, hidden
+            rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach().mean()), "kl": float(kl.detach().mean())}
+            history.append(rec)
+            if log_every and (step % log_every == 0 or step == cfg.steps - 1):
+                print(f"  step {step:4d} loss {rec['loss']:.4f} ce {rec['ce']:.4f} kl {rec['kl']:.4f} "
+                      f"swapped {int((sc.hard() != _hard_topk(init, k)).sum()) // 2}", flush=True)
+            progress(0.1 + 0.9 * (step + 1) / cfg.steps)
+    finally:
+        for p, g in zip(params, was_grad):
+            p.requires_grad_(g)
+    final = sc.scores.detach().clone()
+    return LearnResult(list(final), list(init), history, time.time() - t0, asdict(cfg))
+
+
+PROFILES: dict[str, dict] = {
+    # tests: seconds
+    "fast": dict(n_instructions=8, pool_size=48, n_references=2, max_new_tokens=24,
+                 learn=dict(steps=6, batch_size=4, lr=0.05)),
+    # the service default: a few minutes on 2 CPU cores
+    "default": dict(n_instructions=48, pool_size=256, n_references=8, max_new_tokens=96,
+                    learn=dict(steps=60, batch_size=8, lr=0.05)),
+    "thorough": dict(n_instructions=128, pool_size=None, n_references=None, max_new_tokens=128,
+                     learn=dict(steps=240, batch_size=8, lr=0.03)),
+}
+
+
+def profile(name: str) -> dict:
+    try:
+        p = PROFILES[name]
+    except KeyError:
+        raise PruneError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}") from None
+    return {**p, "learn": dict(p["learn"])}
+
+
+def config_for(profile_name: str, **overrides) -> MaskLearnConfig:
+    cfg = MaskLearnConfig(**profile(profile_name)["learn"])
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def kept_from_scores(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    from pruning.export import select_kept
+
+    return select_kept(scores, k)
+
+
+def hard_masks(model, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    return kept_masks(model, kept_from_scores(scores, k))
+
+

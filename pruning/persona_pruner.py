@@ -1,0 +1,214 @@
+"""Persona-Pruner: filter persona-sensitive instructions, rewrite them in character, learn the mask.
+
+    scores = persona_pruner(model, tok, ctx)     # registered as method "persona-pruner"
+
+1. sensitivity  (pruning/sensitivity.py): the top-N instructions of the pool whose middle-layer
+   representation moves most with the persona vs reference personas;
+2. rewriting    (pruning/synth.py): the teacher (default: the base model) answers them with the
+   persona as the system prompt; the set is cached as JSONL keyed by everything that shapes it;
+3. mask learning (pruning/masklearn.py): a per-layer top-k channel mask trained through a
+   straight-through estimator to keep the masked model's answers close to the teacher's.
+
+The returned scores are the learned real-valued scores, so export's per-layer top-k is the
+learned mask. Options come from `ctx.options` on top of a profile (`fast`, `default`,
+`thorough`); see `OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from pruning import PruneError
+from pruning.batching import make_examples
+from pruning.datasets import load_instructions, load_reference_personas
+from pruning.masklearn import MaskLearnConfig, config_for, learn_scores, profile
+from pruning.methods import PruneContext, register
+from pruning.model_io import checkpoint_sha256, ffn_blocks
+from pruning.sensitivity import default_band, select_instructions
+from pruning.synth import dataset_key, load_dataset, rewrite, save_dataset
+
+DEFAULT_PROFILE = "default"
+DEFAULT_SPARSITY = 0.25
+LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
+# every option a caller may set in ctx.options (profile values are the defaults)
+OPTIONS = {
+    "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
+    "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
+    "pool_path", "references_path", "compute_dtype", "use_cache", "log_every", *LEARN_KEYS,
+}
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("NPC_CACHE_DIR"):
+        return Path(os.environ["NPC_CACHE_DIR"]).expanduser()
+    data = os.environ.get("NPC_DATA_DIR") or "~/.local/share/npc"
+    return Path(data).expanduser() / "cache"
+
+
+_SHA_MEMO: dict = {}
+
+
+def base_identity(model) -> str:
+    """sha256 of the base checkpoint the model was loaded from (its path when unknown)."""
+    path = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if path and p.is_dir() else []
+    if not files:
+        return f"path:{path}|layers:{len(ffn_blocks(model))}"
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(p.resolve()), stamp)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = checkpoint_sha256(p)
+    return _SHA_MEMO[key]
+
+
+def _bf16_fast(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except Exception:
+        return False
+
+
+def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """`auto`: bfloat16 where the hardware runs it fast (the shipped bases are bf16 anyway)."""
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if _bf16_fast(device) else None
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32, "float16": torch.float16}[name]
+    except KeyError:
+        raise PruneError(f"unknown compute_dtype {name!r}") from None
+
+
+@contextmanager
+def in_precision(model, dtype: torch.dtype | None):
+    """The model in `dtype`: cast in place when the round trip is lossless, else on a copy."""
+    orig = next(model.parameters()).dtype
+    if dtype is None or dtype == orig:
+        yield model
+        return
+    with torch.no_grad():
+        lossless = all(torch.equal(p.to(dtype).to(orig), p) for p in model.parameters())
+    if lossless:
+        model.to(dtype)
+        try:
+            yield model
+        finally:
+            model.to(orig)
+    else:
+        work = copy.deepcopy(model).to(dtype)
+        try:
+            yield work
+        finally:
+            del work
+
+
+def resolve_options(ctx: PruneContext) -> dict:
+    opts = dict(ctx.options or {})
+    unknown = set(opts) - OPTIONS
+    if unknown:
+        raise PruneError(f"unknown persona-pruner options: {', '.join(sorted(unknown))}")
+    prof = profile(opts.get("profile") or DEFAULT_PROFILE)
+    learn = prof.pop("learn")
+    out = {"profile": opts.get("profile") or DEFAULT_PROFILE, "band": None, "teacher_url": None,
+           "teacher_model": None, "teacher_temperature": 0.0, "gen_batch_size": 16, "sens_batch_size": 64,
+           "pool_path": None, "references_path": None, "compute_dtype": "auto", "use_cache": True,
+           "log_every": 0, **prof, **learn}
+    out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
+    return out
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\x00".join(items).encode()).hexdigest()
+
+
+def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache_dir: Path | None,
+                  progress=lambda f: None) -> tuple[list[dict], dict]:
+    """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
+    system = ctx.chat_system
+    pool = load_instructions(opts["pool_path"])
+    refs = load_reference_personas(opts["references_path"])
+    band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
+    dtype = next(model.parameters()).dtype
+    key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
+                      refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
+                      n_refs=opts["n_references"], band=list(band), seed=ctx.seed,
+                      max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
+                      teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
+                      dtype=str(dtype))
+    info = {"dataset_key": key}
+    rows = load_dataset(cache_dir, key) if cache_dir is not None else None
+    if rows is not None:
+        info["dataset_cached"] = True
+        progress(1.0)
+        return rows, info
+    t0 = time.time()
+    ctx.stage("filtering")
+    picked = select_instructions(model, tok, system, opts["n_instructions"], pool=pool,
+                                 pool_size=opts["pool_size"], references=refs,
+                                 n_references=opts["n_references"], band=band, seed=ctx.seed,
+                                 batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id,
+                                 progress=lambda f: progress(0.3 * f))
+    t1 = time.time()
+    ctx.stage("rewriting")
+    rows = rewrite(model, tok, system, [q for q, _ in picked], max_new_tokens=opts["max_new_tokens"],
+                   batch_size=opts["gen_batch_size"], temperature=opts["teacher_temperature"], seed=ctx.seed,
+                   teacher_url=opts["teacher_url"], teacher_model=opts["teacher_model"],
+                   progress=lambda f: progress(0.3 + 0.7 * f))
+    div = dict(picked)
+    for r in rows:
+        r["divergence"] = round(div.get(r["instruction"], 0.0), 6)
+    if not rows:
+        raise PruneError("the teacher produced no answers for the selected instructions")
+    info.update(dataset_cached=False, filter_s=round(t1 - t0, 2), rewrite_s=round(time.time() - t1, 2))
+    if opts["use_cache"]:
+        p = save_dataset(cache_dir, key, rows)
+        if p is not None:
+            info["dataset_path"] = str(p)
+    return rows, info
+
+
+def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
+    """Learned per-channel scores (top-k per layer = the learned mask)."""
+    from pruning.export import keep_count
+
+    t0 = time.time()
+    opts = resolve_options(ctx)
+    blocks = ffn_blocks(model)
+    sizes = {b.down_proj.in_features for b in blocks}
+    if len(sizes) != 1:
+        raise PruneError("persona-pruner needs the same FFN size in every layer")
+    k = keep_count(sizes.pop(), ctx.sparsity if ctx.sparsity is not None else DEFAULT_SPARSITY)
+    cache_dir = (Path(ctx.cache_dir) if ctx.cache_dir else default_cache_dir()) if opts["use_cache"] else None
+    base_id = ctx.base_id or base_identity(model)
+    cfg = config_for(opts["profile"], **{key: opts[key] for key in LEARN_KEYS if key in opts}, seed=ctx.seed)
+    device = next(model.parameters()).device
+    with in_precision(model, compute_dtype(opts["compute_dtype"], device)) as work:
+        rows, info = build_dataset(work, tok, ctx, opts, base_id, cache_dir,
+                                   progress=lambda f: ctx.progress(0.4 * f))
+        examples = make_examples(tok, ctx.chat_system, [r["instruction"] for r in rows],
+                                 [r["answer"] for r in rows], [bool(r.get("finished", True)) for r in rows],
+                                 max_length=cfg.max_length)
+        ctx.stage("learning")
+        res = learn_scores(work, tok, examples, k, cfg, progress=lambda f: ctx.progress(0.4 + 0.6 * f),
+                           log_every=int(opts.get("log_every") or 0))
+    h = res.history
+    info.update(profile=opts["profile"], variant=cfg.variant, steps=cfg.steps, examples=len(examples),
+                learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),
+                loss_first=round(h[0]["loss"], 4) if h else None, loss_last=round(h[-1]["loss"], 4) if h else None)
+    ctx.info.update({"persona_pruner": info})
+    ctx.progress(1.0)
+    return [s.float().cpu() for s in res.scores]
+
+
+register("persona-pruner")(persona_pruner)

@@ -1,0 +1,178 @@
+"""Persona-sensitivity filtering: which instructions make the persona matter?
+
+For each instruction, the last prompt token's hidden state (averaged over a band of middle
+layers) is computed with the target persona as the system prompt and with each reference
+persona as the system prompt. An instruction whose representation moves with the persona
+(divergence = 1 - mean_ref cos(h_target, h_ref) is high) is one where the persona changes
+what the model is about to say; those are the instructions worth distilling.
+
+Cost: the system prompt is a shared prefix, run once per persona; only the instruction
+tokens run per row, in length-sorted batches, and the forward stops after the band. The
+reference side (mean of unit vectors per instruction) does not depend on the target persona
+and can be cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pruning.batching import (common_prefix_len, length_batches, model_device, pad_id_of, prompt_ids,
+                              suffix_inputs)
+from pruning.datasets import load_instructions, load_reference_personas
+
+
+class _Stop(Exception):
+    pass
+
+
+def default_band(n_layers: int) -> tuple[int, int]:
+    """The middle third of the layers, [start, stop)."""
+    return n_layers // 3, max(n_layers // 3 + 1, (2 * n_layers) // 3)
+
+
+def _layers(model):
+    return model.model.layers
+
+
+@torch.no_grad()
+def band_states(model, tok, system: str | None, instructions: list[str], *,
+                band: tuple[int, int] | None = None, batch_size: int = 64, max_length: int = 256,
+                progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
+    """(N, H) float32: last-prompt-token hidden state averaged over layers [band)."""
+    from transformers import DynamicCache
+
+    layers = _layers(model)
+    lo, hi = band or default_band(len(layers))
+    dev = model_device(model)
+    pad = pad_id_of(tok)
+    seqs = [prompt_ids(tok, q, system)[-max_length:] for q in instructions]
+    P = common_prefix_len(seqs, limit=min(len(s) for s in seqs) - 1)
+    out = torch.zeros(len(seqs), model.config.hidden_size)
+    acc: dict = {}
+
+    def hook(_m, _a, output, i):
+        h = output[0] if isinstance(output, tuple) else output
+        if acc.get("last") is not None:
+            v = h[torch.arange(h.shape[0], device=h.device), acc["last"]].float()
+            acc["sum"] = v if acc.get("sum") is None else acc["sum"] + v
+        if i == hi - 1:
+            raise _Stop
+
+    handles = [layers[i].register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i in range(lo, hi)]
+    try:
+        # the shared prefix once, only as deep as the band needs
+        kv = None
+        if P > 0:
+            cache = DynamicCache(config=model.config)
+            acc["last"] = None
+            try:
+                model.model(input_ids=torch.tensor([seqs[0][:P]], device=dev), past_key_values=cache,
+                            use_cache=True)
+            except _Stop:
+                pass
+            kv = [(l.keys, l.values) if getattr(l, "is_initialized", False) else (None, None)
+                  for l in cache.layers]
+        batches = length_batches([len(s) for s in seqs], batch_size)
+        for n, idx in enumerate(batches):
+            sfx = [seqs[i][P:] for i in idx]
+            ids, mask, pos = suffix_inputs(sfx, P, pad, dev)
+            cache = None
+            if kv is not None:
+                data = [(k.expand(len(idx), -1, -1, -1), v.expand(len(idx), -1, -1, -1)) if k is not None
+                        else (None, None) for k, v in kv]
+                cache = DynamicCache(ddp_cache_data=data, config=model.config)
+            acc["last"] = torch.tensor([len(s) - 1 for s in sfx], device=dev)
+            acc["sum"] = None
+            try:
+                model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=cache is not None)
+            except _Stop:
+                pass
+            out[idx] = (acc["sum"] / (hi - lo)).cpu()
+            progress((n + 1) / len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def reference_mean(model, tok, instructions: list[str], references: list[str], *, band=None,
+                   batch_size: int = 64, cache_dir: Path | None = None, base_id: str | None = None,
+                   progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
+    """(N, H): mean over reference personas of the unit band state, per instruction (cacheable)."""
+    band = band or default_band(len(_layers(model)))
+    path = None
+    if cache_dir is not None and base_id:
+        key = _digest({"v": 1, "base": base_id, "band": list(band), "refs": references,
+                       "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
+        path = Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"
+        if path.is_file():
+            try:
+                t = torch.load(path, map_location="cpu")
+                if t.shape[0] == len(instructions):
+                    progress(1.0)
+                    return t
+            except Exception:
+                pass
+    total = torch.zeros(len(instructions), model.config.hidden_size)
+    for r, ref in enumerate(references):
+        h = band_states(model, tok, ref, instructions, band=band, batch_size=batch_size,
+                        progress=lambda f, r=r: progress((r + f) / len(references)))
+        total += _unit(h)
+    mean = total / len(references)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(mean, tmp)
+        tmp.replace(path)
+    return mean
+
+
+def persona_divergence(model, tok, persona: str, instructions: list[str], references: list[str], *,
+                       band=None, batch_size: int = 64, cache_dir: Path | None = None,
+                       base_id: str | None = None,
+                       progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
+    """(N,) divergence = 1 - mean_ref cos(h_target, h_ref) per instruction."""
+    refs = [r for r in references if r.strip() != persona.strip()] or references
+    ref_mean = reference_mean(model, tok, instructions, refs, band=band, batch_size=batch_size,
+                              cache_dir=cache_dir, base_id=base_id,
+                              progress=lambda f: progress(0.8 * f))
+    h = band_states(model, tok, persona, instructions, band=band, batch_size=batch_size,
+                    progress=lambda f: progress(0.8 + 0.2 * f))
+    return 1.0 - (_unit(h) * ref_mean).sum(-1)
+
+
+def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | None = None,
+                        pool_size: int | None = None, references: list[str] | None = None,
+                        n_references: int | None = None, band=None, seed: int = 0, batch_size: int = 64,
+                        cache_dir: Path | None = None, base_id: str | None = None,
+                        progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, float]]:
+    """The top-`n` persona-sensitive instructions of the pool, (instruction, divergence), best first.
+
+    `pool_size` subsamples the pool (seeded) and `n_references` the reference personas, for speed.
+    """
+    pool = list(pool if pool is not None else load_instructions())
+    refs = list(references if references is not None else load_reference_personas())
+    rng = random.Random(seed)
+    if pool_size and pool_size < len(pool):
+        pool = rng.sample(pool, pool_size)
+    if n_references and n_references < len(refs):
+        refs = random.Random(seed + 1).sample(refs, n_references)
+    div = persona_divergence(model, tok, persona, pool, refs, band=band, batch_size=batch_size,
+                             cache_dir=cache_dir, base_id=base_id, progress=progress)
+    order = sorted(range(len(pool)), key=lambda i: (-float(div[i]), i))
+    return [(pool[i], float(div[i])) for i in order[:n]]
