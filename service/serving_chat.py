@@ -52,8 +52,8 @@ class ChatServing:
     def __init__(self, store: NpcStore, pool: EnginePool, settings, ckpts=None):
         self.store, self.pool, self.settings, self.ckpts = store, pool, settings, ckpts
 
-    async def resolve(self, model: str, who=None) -> tuple[dict, Path, dict, dict]:
-        rec = await self.store.get(model)
+    async def resolve(self, model: str, who=None, rec: dict | None = None) -> tuple[dict, Path, dict, dict]:
+        rec = rec if rec is not None else await self.store.get(model)
         if rec is None or (who is not None and not who.owns(rec)):
             raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
                            param="model", code="model_not_found")
@@ -120,7 +120,7 @@ class ChatServing:
         if rec is not None and who is not None and not who.owns(rec):
             rec = None
         try:
-            rec, ckpt, manifest, config = await self.resolve(req.model, who)
+            rec, ckpt, manifest, config = await self.resolve(req.model, who, rec)
             tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
             prompt = self.build_prompt(rec, req, tok)
             params = self.sampling_params(req, len(prompt), req.stream)
