@@ -25,6 +25,7 @@ prefix's keys/values.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -301,63 +302,102 @@ class LearnResult:
     config: dict
 
 
+@contextmanager
+def frozen(model):
+    """Weights with requires_grad=False for the duration (restored afterwards)."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, g in zip(params, was):
+            p.requires_grad_(g)
+
+
+class MaskTrainer:
+    """The mask-learning state: dense targets, scores, optimiser; `loss(b)` / `step()` / `run()`.
+
+    Use inside `frozen(model)` (``learn_scores`` does); only ``self.scores`` receives gradients.
+    """
+
+    def __init__(self, model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
+                 init_scores: list[torch.Tensor] | None = None,
+                 progress: Callable[[float], None] = lambda f: None):
+        if not examples:
+            raise PruneError("mask learning needs at least one training example")
+        torch.manual_seed(cfg.seed)
+        self.model, self.tok, self.examples, self.k, self.cfg = model, tok, examples, k, cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.pad = pad_id_of(tok)
+        self.P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        self.dense, acts = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk, progress=progress)
+        if init_scores is not None:
+            init = torch.stack([x.float() for x in init_scores])
+        else:
+            fisher = (fisher_diag(model, tok, examples, self.P, cfg.batch_size)
+                      if cfg.init in ("fisher", "act-fisher") else None)
+            init = initial_scores(model, acts, cfg.init, cfg.seed, fisher)
+        self.init = init
+        self.sc = ChannelScores(init, k, cfg)
+        self.opt = torch.optim.Adam([self.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.history: list[dict] = []
+        self._order: list[int] = []
+
+    @property
+    def scores(self) -> torch.nn.Parameter:
+        return self.sc.scores
+
+    def loss(self, b: int):
+        """(loss, ce, kl) on dense batch `b` under this step's training mask (graph attached)."""
+        idx = self.dense.batches[b]
+        with torch.no_grad(), channel_mask(self.model, list(self.sc.hard())):
+            kv = prefix_kv(self.model, self.examples[0].ids[: self.P]) if self.P > 0 else None
+        self.sc.sample(self.gen)
+        try:
+            with channel_mask(self.model, self.sc.layer_mask):
+                hidden = forward_suffixes(self.model, kv, self.P, [self.examples[i].ids[self.P:] for i in idx],
+                                          self.pad)
+                ce, kl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
+        finally:
+            self.sc._current = None
+        loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
+        return loss, ce, kl
+
+    def step(self) -> dict:
+        if not self._order:
+            self._order = torch.randperm(len(self.dense.batches), generator=self.gen).tolist()
+        b = self._order.pop()
+        loss, ce, kl = self.loss(b)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        rec = {"step": len(self.history), "loss": float(loss.detach()), "ce": float(ce.detach().mean()),
+               "kl": float(kl.detach().mean())}
+        self.history.append(rec)
+        return rec
+
+    def swapped(self) -> int:
+        """Channels whose keep/drop decision differs from the initial mask."""
+        return int((self.sc.hard() != _hard_topk(self.init, self.k)).sum()) // 2
+
+
 def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  progress: Callable[[float], None] = lambda f: None, log_every: int = 0,
                  init_scores: list[torch.Tensor] | None = None) -> LearnResult:
     """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher."""
-    if not examples:
-        raise PruneError("mask learning needs at least one training example")
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    params = list(model.parameters())
-    was_grad = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
-        dense, acts = dense_pass(model, tok, examples, P, cfg.batch_size, cfg.kl_topk,
-                                 progress=lambda f: progress(0.1 * f))
-        fisher = fisher_diag(model, tok, examples, P, cfg.batch_size) if cfg.init in ("fisher", "act-fisher") else None
-        if init_scores is None:
-            init = initial_scores(model, acts, cfg.init, cfg.seed, fisher)
-        else:
-            init = torch.stack([x.float() for x in init_scores])
-        sc = ChannelScores(init, k, cfg)
-        opt = torch.optim.Adam([sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        pad = pad_id_of(tok)
-        history: list[dict] = []
-        n_b = len(dense.batches)
-        order: list[int] = []
+    with frozen(model):
+        tr = MaskTrainer(model, tok, examples, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f))
         for step in range(cfg.steps):
-            if not order:
-                order = torch.randperm(n_b, generator=gen).tolist()
-            b = order.pop()
-            idx = dense.batches[b]
-            hard = sc.hard()
-            with channel_mask(model, list(hard)):
-                kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
-            m = sc.sample(gen)
-            with channel_mask(model, sc.layer_mask):
-                hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
-                ce, kl = _batch_loss(model, hidden, dense, b, cfg)
-                loss = cfg.ce_weight * ce.mean() + cfg.kl_weight * kl.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sc._current = None
-            del m, hidden
-            rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach().mean()), "kl": float(kl.detach().mean())}
-            history.append(rec)
+            rec = tr.step()
             if log_every and (step % log_every == 0 or step == cfg.steps - 1):
                 print(f"  step {step:4d} loss {rec['loss']:.4f} ce {rec['ce']:.4f} kl {rec['kl']:.4f} "
-                      f"swapped {int((sc.hard() != _hard_topk(init, k)).sum()) // 2}", flush=True)
-            progress(0.1 + 0.9 * (step + 1) / cfg.steps)
-    finally:
-        for p, g in zip(params, was_grad):
-            p.requires_grad_(g)
-    final = sc.scores.detach().clone()
-    return LearnResult(list(final), list(init), history, time.time() - t0, asdict(cfg))
+                      f"swapped {tr.swapped()}", flush=True)
+            progress(0.1 + 0.9 * (step + 1) / max(cfg.steps, 1))
+    final = tr.scores.detach().clone()
+    return LearnResult(list(final), list(tr.init), tr.history, time.time() - t0, asdict(cfg))
 
 
 PROFILES: dict[str, dict] = {

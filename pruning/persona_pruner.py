@@ -28,7 +28,7 @@ import torch
 
 from pruning import PruneError
 from pruning.batching import make_examples
-from pruning.datasets import load_instructions, load_reference_personas
+from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.masklearn import MaskLearnConfig, config_for, learn_scores, profile
 from pruning.methods import PruneContext, register
 from pruning.model_io import checkpoint_sha256, ffn_blocks
@@ -42,7 +42,8 @@ LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
-    "pool_path", "references_path", "compute_dtype", "use_cache", "log_every", *LEARN_KEYS,
+    "pool_path", "references_path", "pool_calibration", "center", "compute_dtype", "use_cache", "log_every",
+    *LEARN_KEYS,
 }
 
 
@@ -122,7 +123,8 @@ def resolve_options(ctx: PruneContext) -> dict:
     learn = prof.pop("learn")
     out = {"profile": opts.get("profile") or DEFAULT_PROFILE, "band": None, "teacher_url": None,
            "teacher_model": None, "teacher_temperature": 0.0, "gen_batch_size": 16, "sens_batch_size": 64,
-           "pool_path": None, "references_path": None, "compute_dtype": "auto", "use_cache": True,
+           "pool_path": None, "references_path": None, "pool_calibration": True, "center": True,
+           "compute_dtype": "auto", "use_cache": True,
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     return out
@@ -137,12 +139,15 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
     system = ctx.chat_system
     pool = load_instructions(opts["pool_path"])
+    if opts["pool_calibration"] and not opts["pool_path"]:
+        seen = set(pool)
+        pool += [q for q in calibration_prompts() if q not in seen]
     refs = load_reference_personas(opts["references_path"])
     band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
     dtype = next(model.parameters()).dtype
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
-                      n_refs=opts["n_references"], band=list(band), seed=ctx.seed,
+                      n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
                       max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       dtype=str(dtype))
@@ -156,7 +161,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     ctx.stage("filtering")
     picked = select_instructions(model, tok, system, opts["n_instructions"], pool=pool,
                                  pool_size=opts["pool_size"], references=refs,
-                                 n_references=opts["n_references"], band=band, seed=ctx.seed,
+                                 n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
                                  batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id,
                                  progress=lambda f: progress(0.3 * f))
     t1 = time.time()

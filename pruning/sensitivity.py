@@ -110,56 +110,72 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def reference_mean(model, tok, instructions: list[str], references: list[str], *, band=None,
-                   batch_size: int = 64, cache_dir: Path | None = None, base_id: str | None = None,
-                   progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
-    """(N, H): mean over reference personas of the unit band state, per instruction (cacheable)."""
+def reference_stats(model, tok, instructions: list[str], references: list[str], *, band=None,
+                    batch_size: int = 64, cache_dir: Path | None = None, base_id: str | None = None,
+                    progress: Callable[[float], None] = lambda f: None) -> dict:
+    """What the divergence needs from the reference personas (independent of the target; cacheable):
+
+    ``mu`` (H,): the mean band state over references and instructions;
+    ``raw`` (N, H): per instruction, the mean over references of unit(h_ref);
+    ``centred`` (N, H): the same of unit(h_ref - mu).
+    """
     band = band or default_band(len(_layers(model)))
     path = None
     if cache_dir is not None and base_id:
-        key = _digest({"v": 1, "base": base_id, "band": list(band), "refs": references,
+        key = _digest({"v": 2, "base": base_id, "band": list(band), "refs": references,
+                       "dtype": str(next(model.parameters()).dtype),
                        "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
         path = Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"
         if path.is_file():
             try:
                 t = torch.load(path, map_location="cpu")
-                if t.shape[0] == len(instructions):
+                if t["raw"].shape[0] == len(instructions):
                     progress(1.0)
                     return t
             except Exception:
                 pass
-    total = torch.zeros(len(instructions), model.config.hidden_size)
+    states = []
     for r, ref in enumerate(references):
-        h = band_states(model, tok, ref, instructions, band=band, batch_size=batch_size,
-                        progress=lambda f, r=r: progress((r + f) / len(references)))
-        total += _unit(h)
-    mean = total / len(references)
+        states.append(band_states(model, tok, ref, instructions, band=band, batch_size=batch_size,
+                                  progress=lambda f, r=r: progress((r + f) / len(references))))
+    H = torch.stack(states)  # (R, N, H)
+    mu = H.mean((0, 1))
+    out = {"mu": mu, "raw": _unit(H).mean(0), "centred": _unit(H - mu).mean(0)}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(mean, tmp)
-        tmp.replace(path)
-    return mean
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(path)
+        except OSError:
+            pass
+    return out
 
 
 def persona_divergence(model, tok, persona: str, instructions: list[str], references: list[str], *,
-                       band=None, batch_size: int = 64, cache_dir: Path | None = None,
+                       band=None, batch_size: int = 64, center: bool = True, cache_dir: Path | None = None,
                        base_id: str | None = None,
                        progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
-    """(N,) divergence = 1 - mean_ref cos(h_target, h_ref) per instruction."""
+    """(N,) divergence = 1 - mean_ref cos(h_target, h_ref) per instruction.
+
+    With ``center`` (default) both states are taken relative to the mean reference state:
+    raw middle-layer states share a few huge coordinates, so raw cosines are all ~0.99 and
+    mostly measure the instruction's length/type; centred ones measure the persona's shift.
+    """
     refs = [r for r in references if r.strip() != persona.strip()] or references
-    ref_mean = reference_mean(model, tok, instructions, refs, band=band, batch_size=batch_size,
-                              cache_dir=cache_dir, base_id=base_id,
-                              progress=lambda f: progress(0.8 * f))
+    st = reference_stats(model, tok, instructions, refs, band=band, batch_size=batch_size,
+                         cache_dir=cache_dir, base_id=base_id, progress=lambda f: progress(0.8 * f))
     h = band_states(model, tok, persona, instructions, band=band, batch_size=batch_size,
                     progress=lambda f: progress(0.8 + 0.2 * f))
-    return 1.0 - (_unit(h) * ref_mean).sum(-1)
+    if center:
+        return 1.0 - (_unit(h - st["mu"]) * st["centred"]).sum(-1)
+    return 1.0 - (_unit(h) * st["raw"]).sum(-1)
 
 
 def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | None = None,
                         pool_size: int | None = None, references: list[str] | None = None,
                         n_references: int | None = None, band=None, seed: int = 0, batch_size: int = 64,
-                        cache_dir: Path | None = None, base_id: str | None = None,
+                        center: bool = True, cache_dir: Path | None = None, base_id: str | None = None,
                         progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, float]]:
     """The top-`n` persona-sensitive instructions of the pool, (instruction, divergence), best first.
 
@@ -172,7 +188,7 @@ def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | N
         pool = rng.sample(pool, pool_size)
     if n_references and n_references < len(refs):
         refs = random.Random(seed + 1).sample(refs, n_references)
-    div = persona_divergence(model, tok, persona, pool, refs, band=band, batch_size=batch_size,
+    div = persona_divergence(model, tok, persona, pool, refs, band=band, batch_size=batch_size, center=center,
                              cache_dir=cache_dir, base_id=base_id, progress=progress)
     order = sorted(range(len(pool)), key=lambda i: (-float(div[i]), i))
     return [(pool[i], float(div[i])) for i in order[:n]]
