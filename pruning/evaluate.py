@@ -31,6 +31,7 @@ class EvalSet:
     system: str | None
     questions: list[str]
     persona: str | None = None
+    eval_prompt: str | None = None
 
 
 def _as_text(x) -> str | None:
@@ -69,7 +70,8 @@ def load_eval_file(path: str | Path, *, with_persona: bool = True, limit: int | 
         raise PruneError(f"{p}: no questions")
     persona = _as_text(d.get("persona_description") or d.get("persona"))
     system = _as_text(d.get("system_prompt")) or _as_text(d.get("instruction")) or persona
-    return EvalSet(p.stem, system if with_persona else None, qs[:limit] if limit else qs, persona)
+    prompt = d.get("eval_prompt") if isinstance(d.get("eval_prompt"), str) else None
+    return EvalSet(p.stem, system if with_persona else None, qs[:limit] if limit else qs, persona, prompt)
 
 
 class Evaluator:
@@ -78,14 +80,17 @@ class Evaluator:
 
     def __init__(self, dense_model, tok, system: str | None, questions: list[str], *, max_new_tokens: int = 96,
                  answers: list[str] | None = None, finished: list[bool] | None = None, batch_size: int = 8,
-                 gen_batch_size: int = 16):
+                 gen_batch_size: int = 16, examples: list | None = None):
         self.tok, self.system, self.batch_size = tok, system, batch_size
         self.model = dense_model
-        if answers is None:
+        if examples is None and answers is None:
             pairs = generate_detailed(dense_model, tok, system, questions, max_new_tokens, batch_size=gen_batch_size)
             answers, finished = [a for a, _ in pairs], [f for _, f in pairs]
         self.questions, self.answers, self.finished = questions, answers, finished
-        self.examples = make_examples(tok, system, questions, answers, finished, max_length=1024)
+        self.examples = examples if examples is not None else make_examples(tok, system, questions, answers,
+                                                                            finished, max_length=1024)
+        if not self.examples:
+            raise PruneError("nothing to evaluate: the dense model gave no answers")
         self.P = common_prefix_len([e.ids for e in self.examples],
                                    limit=min(e.n_prompt for e in self.examples) - 1)
         self.batches = length_batches([len(e.ids) for e in self.examples], batch_size)
@@ -123,10 +128,17 @@ class Evaluator:
         if kept is not None:
             masks = kept_masks(self.model, kept)
         kl_sum, nll_sum = 0.0, 0.0
+        per_ex = torch.zeros(len(self.examples), dtype=torch.float64)
         for b, (lq, tgt) in enumerate(self._logps(m, masks)):
             lp = self.dense_logp[b]
-            kl_sum += float((lp.exp() * (lp - lq)).sum())
+            kl_tok = (lp.exp() * (lp - lq)).sum(-1)
+            kl_sum += float(kl_tok.sum())
             nll_sum += float(F.nll_loss(lq, tgt, reduction="sum"))
+            idx = self.batches[b]
+            n = [len(self.examples[i].ids) - self.examples[i].n_prompt for i in idx]
+            for i, part in zip(idx, torch.split(kl_tok, n)):
+                per_ex[i] = float(part.mean())
+        self.last_per_example = per_ex.tolist()
         return {"kl_to_dense": kl_sum / self.tokens, "nll": nll_sum / self.tokens, "nll_dense": self.dense_nll,
                 "tokens": self.tokens}
 

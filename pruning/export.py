@@ -78,6 +78,25 @@ def zero_dropped(model, kept: list[torch.Tensor]) -> None:
         b.down_proj.weight[:, ~mask.to(b.down_proj.weight.device)] = 0
 
 
+@torch.no_grad()
+def drop_layers_inplace(model, dropped: list[int]) -> None:
+    """Remove whole decoder blocks; the rest are renumbered so KV caches index them densely."""
+    layers = model.model.layers
+    drop = set(dropped)
+    if not drop or any(not 0 <= i < len(layers) for i in drop) or len(drop) >= len(layers):
+        raise PruneError(f"cannot drop layers {sorted(drop)} of {len(layers)}")
+    keep = [layer for i, layer in enumerate(layers) if i not in drop]
+    for j, layer in enumerate(keep):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = j
+    model.model.layers = torch.nn.ModuleList(keep)
+    cfg = model.config
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
+    cfg.num_hidden_layers = len(keep)
+
+
 def kept_to_json(kept: list[torch.Tensor]) -> list[list[int]]:
     return [k.tolist() for k in kept]
 
@@ -86,17 +105,29 @@ def kept_from_json(rows: list[list[int]]) -> list[torch.Tensor]:
     return [torch.tensor(r, dtype=torch.long) for r in rows]
 
 
-def materialize(base_dir: Path, kept: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pruned state dict from the base's safetensors by index-select (no model build)."""
+def materialize(base_dir: Path, kept: list[torch.Tensor] | None,
+                dropped_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The pruned state dict from the base's safetensors by index-select (no model build).
+
+    `kept` indexes the layers that remain after `dropped_layers` (None: every channel kept)."""
     from safetensors import safe_open
 
+    drop = sorted(set(dropped_layers or []))
     out: dict[str, torch.Tensor] = {}
     for f in sorted(Path(base_dir).glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 t = st.get_tensor(name)
                 layer = _layer_of(name)
-                if layer is not None and (".mlp.gate_proj." in name or ".mlp.up_proj." in name):
+                if layer is not None and drop:
+                    if layer in drop:
+                        continue
+                    new = layer - sum(1 for d in drop if d < layer)
+                    name = name.replace(f"layers.{layer}.", f"layers.{new}.", 1)
+                    layer = new
+                if kept is None:
+                    pass
+                elif layer is not None and (".mlp.gate_proj." in name or ".mlp.up_proj." in name):
                     t = t.index_select(0, kept[layer])
                 elif layer is not None and ".mlp.down_proj.weight" in name:
                     t = t.index_select(1, kept[layer])
@@ -142,11 +173,19 @@ def export_checkpoint(
     persona: str,
     extra: dict | None = None,
     dtype: torch.dtype | None = None,
+    dropped_layers: list[int] | None = None,
 ) -> Path:
-    """Prune `model` in place and write HF safetensors + config + manifest atomically."""
+    """Prune `model` in place and write HF safetensors + config + manifest atomically.
+
+    Channel pruning keeps `kept` per layer; depth pruning drops `dropped_layers` (then
+    `kept` may be None: the remaining blocks keep every channel)."""
     base_dir = Path(base_dir)
     dense_size = model.config.intermediate_size
-    prune_inplace(model, kept)
+    dense_layers = model.config.num_hidden_layers
+    if dropped_layers:
+        drop_layers_inplace(model, dropped_layers)
+    if kept is not None:
+        prune_inplace(model, kept)
     if dtype is not None:
         model.to(dtype)
 
@@ -161,7 +200,10 @@ def export_checkpoint(
             "sparsity": sparsity,
             "dense_intermediate_size": dense_size,
             "intermediate_size": model.config.intermediate_size,
-            "kept_indices": kept_to_json(kept),
+            "kept_indices": kept_to_json(kept) if kept is not None else None,
+            "dense_num_hidden_layers": dense_layers,
+            "num_hidden_layers": model.config.num_hidden_layers,
+            "dropped_layers": sorted(dropped_layers or []),
             "persona": persona,
             "created": time.time(),
             **(extra or {}),

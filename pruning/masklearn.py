@@ -45,13 +45,15 @@ class MaskLearnConfig:
     steps: int = 60
     batch_size: int = 8
     lr: float = 0.05
-    ce_weight: float = 1.0
+    ce_weight: float = 0.0
     kl_weight: float = 1.0
     variant: str = "ste"
     ste_grad: str = "identity"        # "identity" | "sigmoid"
     temperature: float = 0.5          # gumbel / soft-topk / sigmoid-STE slope, in score units
     kl_topk: int = 64                 # dense distribution kept as top-K + tail bucket
-    init: str = "activation"          # "activation" | "magnitude" | "random"
+    init: str = "act-fisher"          # "act-fisher" | "activation" | "fisher" | "magnitude" | "random"
+    fisher_weight: float = 0.5        # act-fisher: weight of the Fisher z-scores vs activation z-scores
+    fisher_target: str = "answer"     # "answer" (empirical Fisher) | "sampled" (tokens drawn from dense)
     weight_decay: float = 0.0
     seed: int = 0
     max_length: int = 512
@@ -247,18 +249,28 @@ def _normalise(s: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-6)
 
 
-def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int) -> list[torch.Tensor]:
-    """Per-channel empirical Fisher of the mask at 1: sum over examples of (d CE_e / d m_j)^2."""
+def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int, *,
+                dense: DenseTargets | None = None, sampled: bool = False,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Per-channel Fisher of the mask at 1: sum over examples of (d CE_e / d m_j)^2.
+
+    CE on the answer tokens (empirical Fisher), or with ``sampled`` on tokens drawn from the
+    dense model's own (top-K) distribution at each position (closer to the true Fisher).
+    """
     blocks = ffn_blocks(model)
     C = blocks[0].down_proj.in_features
     fisher = torch.zeros(len(blocks), C, dtype=torch.float64)
     pad = pad_id_of(tok)
     kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
-    for idx in length_batches([len(e.ids) for e in examples], batch_size):
+    batches = dense.batches if dense is not None else length_batches([len(e.ids) for e in examples], batch_size)
+    for b, idx in enumerate(batches):
         m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
         with channel_mask(model, lambda i: m[i]):
             hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
             rows, cols, tgt = _positions(examples, idx, P)
+            if sampled and dense is not None:
+                pick = torch.multinomial(dense.top_logp[b].float().exp(), 1, generator=generator)[:, 0]
+                tgt = dense.top_idx[b].gather(1, pick[:, None])[:, 0]
             logq = _logp_at(model, hidden, rows, cols)
             ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
             per_ex = torch.zeros(len(idx)).index_add(0, rows, ce.float().cpu())
@@ -269,14 +281,14 @@ def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int) ->
 
 
 def initial_scores(model, act_norms: list[torch.Tensor], how: str, seed: int,
-                   fisher: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   fisher: list[torch.Tensor] | None = None, fisher_weight: float = 0.5) -> torch.Tensor:
     blocks = ffn_blocks(model)
     if how == "fisher":
         raw = fisher
     elif how == "act-fisher":
         a = initial_scores(model, act_norms, "activation", seed)
         f = torch.stack([_normalise(x) for x in fisher])
-        return (a + f) / 2
+        return (1 - fisher_weight) * a + fisher_weight * f
     elif how == "activation":
         raw = [a * b.down_proj.weight.detach().float().norm(dim=0).cpu() for a, b in zip(act_norms, blocks)]
     elif how == "magnitude":
@@ -336,9 +348,10 @@ class MaskTrainer:
         if init_scores is not None:
             init = torch.stack([x.float() for x in init_scores])
         else:
-            fisher = (fisher_diag(model, tok, examples, self.P, cfg.batch_size)
+            fisher = (fisher_diag(model, tok, examples, self.P, cfg.batch_size, dense=self.dense,
+                                  sampled=cfg.fisher_target == "sampled", generator=self.gen)
                       if cfg.init in ("fisher", "act-fisher") else None)
-            init = initial_scores(model, acts, cfg.init, cfg.seed, fisher)
+            init = initial_scores(model, acts, cfg.init, cfg.seed, fisher, cfg.fisher_weight)
         self.init = init
         self.sc = ChannelScores(init, k, cfg)
         self.opt = torch.optim.Adam([self.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)

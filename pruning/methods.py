@@ -130,3 +130,93 @@ def score_activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor
     acts = activation_norms(model, tok, ctx.calibration, ctx, system=ctx.persona)
     return [a * w for a, w in zip(acts, down_column_norms(model))]
 
+
+@register("taylor")
+def score_taylor(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
+    """LLM-Pruner-style first order: sum of |w * dL/dw| over each channel's group
+    (gate row, up row, down column), LM loss on generic calibration prompts."""
+    if not ctx.calibration:
+        raise PruneError("taylor method needs calibration prompts")
+    blocks = ffn_blocks(model)
+    group = [(b.gate_proj.weight, b.up_proj.weight, b.down_proj.weight) for b in blocks]
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    for g in group:
+        for w in g:
+            w.requires_grad_(True)
+            w.grad = None
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for n, prompt in enumerate(ctx.calibration):
+                ids = chat_ids(tok, prompt, None, ctx.max_length).to(device)
+                (model(ids, labels=ids).loss / len(ctx.calibration)).backward()
+                ctx.progress((n + 1) / len(ctx.calibration))
+        out = []
+        for gate, up, down in group:
+            s = ((gate * gate.grad).abs().sum(1) + (up * up.grad).abs().sum(1)
+                 + (down * down.grad).abs().sum(0))
+            out.append(s.detach().float().cpu())
+    finally:
+        for g in group:
+            for w in g:
+                w.grad = None
+        for p, r in zip(params, was):
+            p.requires_grad_(r)
+    return out
+
+
+class LayerScores(list):
+    """One importance per decoder block (not per channel): the method drops whole blocks."""
+
+
+def block_param_counts(model) -> tuple[int, int]:
+    """(parameters of one decoder block, parameters of its FFN)."""
+    layer = model.model.layers[0]
+    return sum(p.numel() for p in layer.parameters()), sum(p.numel() for p in layer.mlp.parameters())
+
+
+def blocks_to_drop(model, sparsity: float) -> int:
+    """Whole blocks whose parameters match `sparsity` of every FFN's parameters."""
+    n_layers = len(model.model.layers)
+    block, ffn = block_param_counts(model)
+    n = round(sparsity * n_layers * ffn / block)
+    return max(1, min(n_layers - 1, n))
+
+
+@register("depth")
+def score_depth(model, tok, ctx: PruneContext) -> LayerScores:
+    """ShortGPT-style block influence: mean 1 - cos(block input, block output) over the tokens
+    of generic calibration prompts; the least influential blocks are dropped."""
+    if not ctx.calibration:
+        raise PruneError("depth method needs calibration prompts")
+    layers = model.model.layers
+    total = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = [0]
+
+    def hook(_m, args, kwargs, output, i):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+        total[i] += (1 - cos).sum().double().cpu()
+
+    handles = [layer.register_forward_hook(lambda m, a, k, o, i=i: hook(m, a, k, o, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for n, prompt in enumerate(ctx.calibration):
+                ids = chat_ids(tok, prompt, None, ctx.max_length).to(device)
+                model(ids)
+                tokens[0] += ids.shape[1]
+                ctx.progress((n + 1) / len(ctx.calibration))
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerScores((total / max(tokens[0], 1)).float().tolist())
+
+
+# Methods defined in their own modules register themselves on import.
+from pruning import persona_pruner as _persona_pruner  # noqa: E402,F401  ("persona-pruner")

@@ -42,7 +42,7 @@ LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
-    "pool_path", "references_path", "pool_calibration", "center", "compute_dtype", "use_cache", "log_every",
+    "pool_path", "references_path", "pool_calibration", "center", "n_anchor", "compute_dtype", "use_cache", "log_every",
     *LEARN_KEYS,
 }
 
@@ -123,7 +123,7 @@ def resolve_options(ctx: PruneContext) -> dict:
     learn = prof.pop("learn")
     out = {"profile": opts.get("profile") or DEFAULT_PROFILE, "band": None, "teacher_url": None,
            "teacher_model": None, "teacher_temperature": 0.0, "gen_batch_size": 16, "sens_batch_size": 64,
-           "pool_path": None, "references_path": None, "pool_calibration": True, "center": True,
+           "pool_path": None, "references_path": None, "pool_calibration": True, "center": True, "n_anchor": 0,
            "compute_dtype": "auto", "use_cache": True,
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
@@ -139,16 +139,18 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
     system = ctx.chat_system
     pool = load_instructions(opts["pool_path"])
+    anchors = calibration_prompts(opts["n_anchor"]) if opts["n_anchor"] else []
     if opts["pool_calibration"] and not opts["pool_path"]:
         seen = set(pool)
         pool += [q for q in calibration_prompts() if q not in seen]
+    pool = [q for q in pool if q not in set(anchors)]
     refs = load_reference_personas(opts["references_path"])
     band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
     dtype = next(model.parameters()).dtype
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
-                      max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
+                      anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       dtype=str(dtype))
     info = {"dataset_key": key}
@@ -159,20 +161,23 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
         return rows, info
     t0 = time.time()
     ctx.stage("filtering")
-    picked = select_instructions(model, tok, system, opts["n_instructions"], pool=pool,
-                                 pool_size=opts["pool_size"], references=refs,
-                                 n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
-                                 batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id,
-                                 progress=lambda f: progress(0.3 * f))
+    picked = [] if opts["n_instructions"] <= 0 else select_instructions(
+        model, tok, system, opts["n_instructions"], pool=pool, pool_size=opts["pool_size"], references=refs,
+        n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
+        batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id,
+        progress=lambda f: progress(0.3 * f))
     t1 = time.time()
     ctx.stage("rewriting")
-    rows = rewrite(model, tok, system, [q for q, _ in picked], max_new_tokens=opts["max_new_tokens"],
+    rows = rewrite(model, tok, system, [q for q, _ in picked] + anchors, max_new_tokens=opts["max_new_tokens"],
                    batch_size=opts["gen_batch_size"], temperature=opts["teacher_temperature"], seed=ctx.seed,
                    teacher_url=opts["teacher_url"], teacher_model=opts["teacher_model"],
                    progress=lambda f: progress(0.3 + 0.7 * f))
     div = dict(picked)
     for r in rows:
-        r["divergence"] = round(div.get(r["instruction"], 0.0), 6)
+        if r["instruction"] in div:
+            r["divergence"] = round(div[r["instruction"]], 6)
+        else:
+            r["anchor"] = True
     if not rows:
         raise PruneError("the teacher produced no answers for the selected instructions")
     info.update(dataset_cached=False, filter_s=round(t1 - t0, 2), rewrite_s=round(time.time() - t1, 2))

@@ -6,10 +6,11 @@ persona as the system prompt. An instruction whose representation moves with the
 (divergence = 1 - mean_ref cos(h_target, h_ref) is high) is one where the persona changes
 what the model is about to say; those are the instructions worth distilling.
 
-Cost: the system prompt is a shared prefix, run once per persona; only the instruction
-tokens run per row, in length-sorted batches, and the forward stops after the band. The
-reference side (mean of unit vectors per instruction) does not depend on the target persona
-and can be cached on disk.
+By default the states are centred on the mean reference state first (see
+`persona_divergence`). Cost: the system prompt is a shared prefix, run once per persona; only
+the instruction tokens run per row, in length-sorted batches (right padded after the shared
+prefix, attention-masked), and the forward stops after the band. The reference side does not
+depend on the target persona and is cached on disk (`reference_stats`).
 """
 
 from __future__ import annotations

