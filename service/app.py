@@ -15,6 +15,7 @@ from service import ckpt_store, errors, metrics, redis_embedded
 from service.api import chat, health, npcs
 from service.engines import EnginePool
 from service.serving_chat import ChatServing
+from service.serving_completions import CompletionServing
 from service.settings import Settings, get_settings
 from service.store import NpcStore
 
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engines = EnginePool(settings)
         app.state.ckpts = ckpt_store.from_settings(settings)
         app.state.chat = ChatServing(app.state.store, app.state.engines, settings, app.state.ckpts)
+        app.state.completions = CompletionServing(app.state.store, app.state.engines, settings, app.state.ckpts)
+        app.state.engines.start_reaper()
         warm = asyncio.create_task(_prewarm_loop(app)) if settings.prewarm else None
         try:
             yield

@@ -82,11 +82,48 @@ class ChatMessage(BaseModel):
         return "".join(p.get("text", "") for p in self.content if p.get("type") in ("text", None))
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_keep_alive(v: Any) -> float | None:
+    """Ollama-style residency: seconds, "5m"/"1h"/"30s", -1 or "pin" (never evict), 0 (leave after)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t in ("pin", "forever", "-1"):
+            return -1.0
+        try:
+            v = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+        except ValueError:
+            raise ValueError("keep_alive: seconds, a duration like '5m', or -1/'pin'") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("keep_alive: seconds, a duration like '5m', or -1/'pin'")
+    if v < 0:
+        return -1.0
+    return float(v)
+
+
+class KeepAliveMixin(BaseModel):
+    keep_alive: float | str | None = Field(
+        None, description="how long the NPC stays in its engine slot after this request: seconds, "
+                          "'5m', -1 or 'pin' (never evicted), 0 (released right after)")
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v):
+        return parse_keep_alive(v)
+
+
+class NpcLoad(KeepAliveMixin):
+    model_config = ConfigDict(extra="forbid")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(KeepAliveMixin):
     # OpenAI clients send fields we do not use (metadata, store, ...): ignore, do not reject
     model_config = ConfigDict(extra="ignore")
 
@@ -106,3 +143,42 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
+
+
+class CompletionRequest(KeepAliveMixin):
+    """Legacy text completions: a raw continuation of the NPC's model (no persona, no chat template)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    best_of: int | None = Field(None, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and len(v) > 16 and not isinstance(v[0], int):
+            raise ValueError("at most 16 prompts per request")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix (insertion) is not supported")
+        return v

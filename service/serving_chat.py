@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from pruning.export import CorruptCheckpoint, verify_checkpoint
+from pruning.model_io import checkpoint_sha256
 from service import metrics
-from service.engines import EnginePool, shape_key
+from service.engines import EnginePool, NpcWeights, shape_key
 from service.errors import ApiError
 from service.personas import system_prompt
 from service.protocol import ChatCompletionRequest
@@ -28,17 +31,43 @@ def _stat_key(ckpt: str) -> tuple:
 
 
 @lru_cache(maxsize=256)
-def _verified(stat_key: tuple) -> tuple[dict, dict]:
+def _verified(stat_key: tuple) -> tuple[dict, dict, tuple | None]:
     """Hash-check a checkpoint once per on-disk state (names, sizes, mtimes)."""
     ckpt = Path(stat_key[0])
     manifest = verify_checkpoint(ckpt)
-    manifest.pop("kept_indices", None)  # large, and not needed to serve
+    kept = manifest.pop("kept_indices", None)
+    # the compact form rebuilds the weights only when nothing but the channel choice changed
+    compact = None
+    if kept and manifest.get("compact", True) is not False and not manifest.get("dropped_layers"):
+        compact = tuple(array("i", k) for k in kept)
     config = json.loads((ckpt / "config.json").read_text())
-    return manifest, config
+    return manifest, config, compact
 
 
-def _npc_files(ckpt: str) -> tuple[dict, dict]:
+def _npc_files(ckpt: str) -> tuple[dict, dict, tuple | None]:
     return _verified(_stat_key(ckpt))
+
+
+@lru_cache(maxsize=16)
+def _base_matches(base_dir: str, sha: str, stat: tuple) -> bool:
+    return checkpoint_sha256(Path(base_dir)) == sha
+
+
+def _base_for(manifest: dict) -> str | None:
+    """The base checkpoint the compact form refers to, if it is here and is the same bytes."""
+    base = manifest.get("base_model")
+    if not base or not manifest.get("base_sha256") or not Path(base).is_dir():
+        return None
+    files = sorted(Path(base).glob("*.safetensors"))
+    stat = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return base if files and _base_matches(base, manifest["base_sha256"], stat) else None
+
+
+def npc_weights(npc_id: str, ckpt: Path, manifest: dict, config: dict, compact) -> NpcWeights:
+    base = _base_for(manifest) if compact else None
+    return NpcWeights(npc_id=npc_id, ckpt=Path(ckpt), key=shape_key(manifest, config),
+                      base_label=manifest.get("base_sha256", "")[:12], base_dir=base,
+                      kept=[list(k) for k in compact] if base else None)
 
 
 @lru_cache(maxsize=8)
@@ -48,11 +77,23 @@ def _tokenizer(ckpt: str, base_sha: str):
     return AutoTokenizer.from_pretrained(ckpt)
 
 
+@dataclass
+class Prepared:
+    rec: dict
+    manifest: dict
+    w: NpcWeights
+    tok: object
+    prompts: list[list[int]]
+    params: object
+    keep_alive: float | None
+    echo: bool = False
+
+
 class ChatServing:
     def __init__(self, store: NpcStore, pool: EnginePool, settings, ckpts=None):
         self.store, self.pool, self.settings, self.ckpts = store, pool, settings, ckpts
 
-    async def resolve(self, model: str, who=None, rec: dict | None = None) -> tuple[dict, Path, dict, dict]:
+    async def resolve(self, model: str, who=None, rec: dict | None = None) -> tuple[dict, Path, dict, dict, NpcWeights]:
         rec = rec if rec is not None else await self.store.get(model)
         if rec is None or (who is not None and not who.owns(rec)):
             raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
@@ -62,7 +103,8 @@ class ChatServing:
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
         try:
             ckpt = await asyncio.to_thread(self.ckpts.fetch, rec["checkpoint"])
-            manifest, config = await asyncio.to_thread(_npc_files, str(ckpt))
+            manifest, config, compact = await asyncio.to_thread(_npc_files, str(ckpt))
+            w = await asyncio.to_thread(npc_weights, model, ckpt, manifest, config, compact)
         except (CorruptCheckpoint, OSError, ValueError) as e:
             reason = str(e)
             # never serve it again: the NPC is failed until it is recreated
@@ -72,7 +114,7 @@ class ChatServing:
         except Exception as e:  # the store is unreachable: not the NPC's fault, try again later
             raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}: {e}",
                            code="store_unavailable", headers={"Retry-After": "5"})
-        return rec, ckpt, manifest, config
+        return rec, ckpt, manifest, config, w
 
     def build_prompt(self, rec: dict, req: ChatCompletionRequest, tok) -> list[int]:
         sys_text = system_prompt(rec["name"], rec["persona"], rec.get("card_system_prompt"))
@@ -115,35 +157,39 @@ class ChatServing:
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def prepare(self, req: ChatCompletionRequest, who=None):
+    async def prepare(self, req, who=None) -> Prepared:
         rec = await self.store.get(req.model)
         if rec is not None and who is not None and not who.owns(rec):
             rec = None
         try:
-            rec, ckpt, manifest, config = await self.resolve(req.model, who, rec)
+            rec, ckpt, manifest, config, w = await self.resolve(req.model, who, rec)
             tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
-            prompt = self.build_prompt(rec, req, tok)
-            params = self.sampling_params(req, len(prompt), req.stream)
+            prompts = self.build_prompts(rec, req, tok)
+            params = self.sampling_params(req, max(len(p) for p in prompts), req.stream)
         except ApiError:
             if rec is not None:  # unknown ids get no label: they would be unbounded
                 metrics.REQUESTS.labels(npc=metrics.npc_label(req.model), status="rejected").inc()
             raise
-        return rec, ckpt, manifest, config, tok, prompt, params
+        return Prepared(rec, manifest, w, tok, prompts, params, req.keep_alive)
 
-    async def load(self, npc_id: str, who=None) -> dict:
+    def build_prompts(self, rec: dict, req, tok) -> list[list[int]]:
+        return [self.build_prompt(rec, req, tok)]
+
+    async def load(self, npc_id: str, who=None, keep_alive: float | None = None) -> dict:
         """Put this NPC's weights into an engine now, so its next chat does not wait for it."""
-        _, ckpt, manifest, config = await self.resolve(npc_id, who)
+        _, _, _, _, w = await self.resolve(npc_id, who)
         t0 = time.time()
-        async with self.pool.serving(npc_id, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12]):
+        async with self.pool.serving(w, keep_alive):
             pass
-        return {"id": npc_id, "object": "npc.load", "loaded": True, "seconds": round(time.time() - t0, 3)}
+        return {"id": npc_id, "object": "npc.load", "loaded": True, "seconds": round(time.time() - t0, 3),
+                "keep_alive": self.pool.keep_alive_of(npc_id)}
 
     async def prewarm(self, rec: dict) -> None:
         try:
-            _, ckpt, manifest, config = await self.resolve(rec["id"])
+            _, _, _, _, w = await self.resolve(rec["id"])
         except ApiError:
             return
-        self.pool.prewarm(shape_key(manifest, config), rec["id"], ckpt, manifest.get("base_sha256", "")[:12])
+        self.pool.prewarm(w.key, w)
 
     # -- response helpers -----------------------------------------------------
 
@@ -170,61 +216,39 @@ class ChatServing:
             return None
         return "length" if reason == "length" else "stop"
 
-    # -- generation -----------------------------------------------------------
+    # -- generation (shared with /v1/completions) -------------------------------
 
-    async def complete(self, req: ChatCompletionRequest, who=None) -> dict:
-        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req, who)
-        npc = req.model
-        label = metrics.npc_label(npc)
-        t0 = time.time()
-        rid = "chatcmpl-" + secrets.token_hex(12)
-        final = None
+    async def generate_final(self, p: Prepared, rid: str) -> list:
+        """Every prompt's final output, generated together in one lease of the NPC's slot."""
+        label = metrics.npc_label(p.w.npc_id)
+
+        async def one(i: int, prompt: list[int]):
+            final = None
+            async for out in engine.generate({"prompt_token_ids": prompt}, p.params, f"{rid}-{i}"):
+                final = out
+            return final
+
         try:
-            async with self.pool.serving(npc, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12]) as (engine, _):
+            async with self.pool.serving(p.w, p.keep_alive) as (engine, _):
                 metrics.REQUESTS_RUNNING.labels(npc=label).inc()
                 try:
-                    async for out in engine.generate({"prompt_token_ids": prompt}, params, rid):
-                        final = out
+                    return await asyncio.gather(*(one(i, pr) for i, pr in enumerate(p.prompts)))
                 finally:
                     metrics.REQUESTS_RUNNING.labels(npc=label).dec()
         except ApiError:
             metrics.REQUESTS.labels(npc=label, status="rejected").inc()
             raise
+        except asyncio.CancelledError:  # the client went away: the engine aborts the requests
+            metrics.REQUESTS.labels(npc=label, status="cancelled").inc()
+            raise
         except Exception as e:
             metrics.REQUESTS.labels(npc=label, status="error").inc()
             raise ApiError(503, f"generation failed: {type(e).__name__}: {e}", code="engine_error") from e
-        elapsed = time.time() - t0
-        choices, n_completion = [], 0
-        for o in sorted(final.outputs, key=lambda o: o.index):
-            n_completion += len(o.token_ids)
-            choices.append({
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text, "refusal": None},
-                "finish_reason": self._finish(o.finish_reason) or "stop",
-                "logprobs": self._logprobs(o, tok, req.top_logprobs or 0) if req.logprobs else None,
-            })
-        metrics.REQUESTS.labels(npc=label, status="ok").inc()
-        metrics.PROMPT_TOKENS.labels(npc=label).inc(len(prompt))
-        metrics.COMPLETION_TOKENS.labels(npc=label).inc(n_completion)
-        metrics.E2E.labels(npc=label).observe(elapsed)
-        metrics.TTFT.labels(npc=label).observe(elapsed)  # not streamed: the first token arrives with the rest
-        return {
-            "id": rid, "object": "chat.completion", "created": int(t0), "model": npc,
-            "choices": choices,
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_completion,
-                      "total_tokens": len(prompt) + n_completion},
-            "system_fingerprint": "fp_" + manifest.get("base_sha256", "")[:10],
-        }
 
-    async def stream(self, req: ChatCompletionRequest, who=None):
-        """Validate and reserve first (errors become HTTP statuses), then return the event iterator."""
-        rec, ckpt, manifest, config, tok, prompt, params = await self.prepare(req, who)
-        npc = req.model
-        label = metrics.npc_label(npc)
-        rid = "chatcmpl-" + secrets.token_hex(12)
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        lease = self.pool.serving(npc, ckpt, shape_key(manifest, config), manifest.get("base_sha256", "")[:12])
+    async def generate_stream(self, p: Prepared, rid: str):
+        """Reserve the slot now (errors become HTTP statuses); returns (iterator of (i, out), release)."""
+        label = metrics.npc_label(p.w.npc_id)
+        lease = self.pool.serving(p.w, p.keep_alive)
         try:
             engine, _ = await lease.__aenter__()
         except ApiError:
@@ -239,9 +263,80 @@ class ChatServing:
                 released = True
                 await lease.__aexit__(None, None, None)
 
+        async def outputs():
+            if len(p.prompts) == 1:
+                async for out in engine.generate({"prompt_token_ids": p.prompts[0]}, p.params, rid):
+                    yield 0, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i: int, prompt: list[int]):
+                try:
+                    async for out in engine.generate({"prompt_token_ids": prompt}, p.params, f"{rid}-{i}"):
+                        await queue.put((i, out))
+                finally:
+                    await queue.put((i, None))
+
+            tasks = [asyncio.ensure_future(pump(i, pr)) for i, pr in enumerate(p.prompts)]
+            try:
+                live = len(tasks)
+                while live:
+                    i, out = await queue.get()
+                    if out is None:
+                        live -= 1
+                    else:
+                        yield i, out
+                for t in tasks:
+                    t.result()  # re-raise an engine error
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+        return outputs(), release
+
+    async def complete(self, req: ChatCompletionRequest, who=None) -> dict:
+        p = await self.prepare(req, who)
+        npc, label = req.model, metrics.npc_label(req.model)
+        t0 = time.time()
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        (final,) = await self.generate_final(p, rid)
+        elapsed = time.time() - t0
+        prompt = p.prompts[0]
+        choices, n_completion = [], 0
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            n_completion += len(o.token_ids)
+            choices.append({
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text, "refusal": None},
+                "finish_reason": self._finish(o.finish_reason) or "stop",
+                "logprobs": self._logprobs(o, p.tok, req.top_logprobs or 0) if req.logprobs else None,
+            })
+        metrics.REQUESTS.labels(npc=label, status="ok").inc()
+        metrics.PROMPT_TOKENS.labels(npc=label).inc(len(prompt))
+        metrics.COMPLETION_TOKENS.labels(npc=label).inc(n_completion)
+        metrics.E2E.labels(npc=label).observe(elapsed)
+        metrics.TTFT.labels(npc=label).observe(elapsed)  # not streamed: the first token arrives with the rest
+        return {
+            "id": rid, "object": "chat.completion", "created": int(t0), "model": npc,
+            "choices": choices,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_completion,
+                      "total_tokens": len(prompt) + n_completion},
+            "system_fingerprint": "fp_" + p.manifest.get("base_sha256", "")[:10],
+        }
+
+    async def stream(self, req: ChatCompletionRequest, who=None):
+        """Validate and reserve first (errors become HTTP statuses), then return the event iterator."""
+        p = await self.prepare(req, who)
+        npc, label = req.model, metrics.npc_label(req.model)
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        prompt = p.prompts[0]
+        outputs, release = await self.generate_stream(p, rid)
+
         def chunk(choices: list, usage: dict | None = None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": npc,
-                    "system_fingerprint": "fp_" + manifest.get("base_sha256", "")[:10], "choices": choices}
+                    "system_fingerprint": "fp_" + p.manifest.get("base_sha256", "")[:10], "choices": choices}
             if include_usage:
                 body["usage"] = usage
             return json.dumps(body)
@@ -255,7 +350,7 @@ class ChatServing:
             try:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "finish_reason": None, "logprobs": None} for i in range(req.n)])
-                async for out in engine.generate({"prompt_token_ids": prompt}, params, rid):
+                async for _, out in outputs:
                     now = time.time()
                     if last is None:
                         metrics.TTFT.labels(npc=label).observe(now - t0)
@@ -269,7 +364,7 @@ class ChatServing:
                             continue
                         choices.append({"index": o.index, "delta": {"content": o.text} if o.text else {},
                                         "finish_reason": self._finish(o.finish_reason),
-                                        "logprobs": self._logprobs(o, tok, req.top_logprobs or 0) if req.logprobs else None})
+                                        "logprobs": self._logprobs(o, p.tok, req.top_logprobs or 0) if req.logprobs else None})
                     if choices:
                         yield chunk(choices)
                 if include_usage:
@@ -277,6 +372,9 @@ class ChatServing:
                                      "total_tokens": len(prompt) + n_completion})
                 yield "[DONE]"
                 status = "ok"
+            except asyncio.CancelledError:
+                status = "cancelled"
+                raise
             except Exception as e:
                 err = {"error": {"message": f"generation failed: {type(e).__name__}: {e}",
                                  "type": "api_error", "param": None, "code": "engine_error"}}

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     max_persona_chars: int = 4000
     default_max_tokens: int = 256
     calibration_prompts: int = 32
-    max_engines: int = Field(2, ge=1, description="vLLM engines (one per NPC shape) kept running")
+    max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
+    engine_slots: int = Field(1, ge=1, description="engines per NPC shape, each holding one NPC at a time")
+    cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")
+    keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
     max_npc_labels: int = Field(500, ge=1, description="NPCs with their own metric labels; the rest: _other")
     prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -67,12 +68,35 @@ def test_swaps_are_exact(server, npc_a, npc_b):
     assert a1 != b1  # different channels kept: the swap really changed the weights
     engines = httpx.get(server.url + "/v1/engines").json()["data"]
     assert len(engines) == 1  # both NPCs share one engine (same shape)
+    # swapped from the compact form: kept indices over the worker's mmapped base, no NPC file read
+    assert engines[0]["last_swap"]["mode"] == "compact", engines
     metrics = httpx.get(server.url + "/metrics").text
     swaps = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("npc_weight_swaps_total")]
     assert swaps and swaps[0] >= 4
     # the swapped-in NPC answers exactly as a fresh engine of its own checkpoint does
     b_rec = httpx.get(f"{server.url}/v1/npcs/{npc_b['id']}").json() | {"checkpoint": _checkpoint(server, npc_b)}
     assert _fresh_engine_output(b_rec, q) == b1
+
+
+def test_checkpoint_without_compact_form_swaps_the_same(server, npc_a, npc_b):
+    """An NPC from elsewhere (no kept indices in its manifest) loads from its directory, same output."""
+    q = "\nWhich street would you walk down first?"
+    a_before = _chat(server, npc_a["id"], q)
+    b_compact = _chat(server, npc_b["id"], q)
+    manifest = Path(_checkpoint(server, npc_b)) / "manifest.json"
+    original = manifest.read_text()
+    try:
+        m = json.loads(original)
+        del m["kept_indices"]
+        manifest.write_text(json.dumps(m))
+        assert _chat(server, npc_a["id"], q) == a_before
+        b_dir = _chat(server, npc_b["id"], q)
+        assert httpx.get(server.url + "/v1/engines").json()["data"][0]["last_swap"]["mode"] == "checkpoint"
+        a_after = _chat(server, npc_a["id"], q)  # back to compact: the base's other weights restored
+    finally:
+        manifest.write_text(original)
+    assert b_dir == b_compact
+    assert a_after == a_before
 
 
 def _checkpoint(server, npc: dict) -> str:

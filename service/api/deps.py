@@ -47,6 +47,10 @@ def chat(request: Request):
     return request.app.state.chat
 
 
+def completions(request: Request):
+    return request.app.state.completions
+
+
 async def require_key(request: Request) -> Principal:
     keys = request.app.state.keys
     if not keys:

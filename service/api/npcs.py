@@ -19,7 +19,7 @@ from pruning.model_io import resolve_base
 from service.api import deps
 from service.cards import card_to_npc, parse_card
 from service.errors import ApiError
-from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList
+from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList, NpcLoad
 from service.store import new_id
 from service.worker import QUEUE
 
@@ -175,9 +175,10 @@ async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key
 
 
 @router.post("/{npc_id}/load")
-async def load_npc(npc_id: str, who=Depends(deps.require_key), chat=Depends(deps.chat)) -> dict:
-    """Preload: start or swap an engine to this NPC now."""
-    return await chat.load(npc_id, who)
+async def load_npc(npc_id: str, body: NpcLoad | None = None, who=Depends(deps.require_key),
+                   chat=Depends(deps.chat)) -> dict:
+    """Preload: start or swap an engine to this NPC now; `keep_alive` sets its residency (-1: pin)."""
+    return await chat.load(npc_id, who, body.keep_alive if body else None)
 
 
 @router.post("/{npc_id}/unload")
