@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from arq import create_pool
 from arq.connections import RedisSettings
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from service import ckpt_store, errors, metrics, redis_embedded
@@ -23,6 +23,15 @@ MAX_BODY_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
+def _import_engine_libs() -> None:
+    """Import vLLM and transformers once, up front: their lazy modules are not safe to import from the
+    engine-start thread and a request at the same time ("cannot import name 'AutoTokenizer'")."""
+    from transformers import AutoTokenizer  # noqa: F401
+    from vllm import AsyncEngineArgs, SamplingParams  # noqa: F401
+    from vllm.sampling_params import RequestOutputKind  # noqa: F401
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+
+
 async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
     """Start an engine as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s."""
     while True:
@@ -33,6 +42,22 @@ async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
                     await app.state.chat.prewarm(rec)
         except Exception:
             log.warning("prewarm pass failed", exc_info=True)
+
+
+class LimitBody:
+    """413 for a declared body over MAX_BODY_BYTES. Plain ASGI, not @app.middleware("http"): that
+    wrapper hides the client's disconnect from handlers, so generations could not be aborted."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if size.isdigit() and int(size) > MAX_BODY_BYTES:
+                await errors.error_response(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = Redis.from_url(url)
         app.state.store = NpcStore(app.state.redis)
         app.state.queue = await create_pool(RedisSettings.from_dsn(url))
+        await asyncio.to_thread(_import_engine_libs)
         app.state.engines = EnginePool(settings)
         app.state.ckpts = ckpt_store.from_settings(settings)
         app.state.chat = ChatServing(app.state.store, app.state.engines, settings, app.state.ckpts)
@@ -72,12 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.set_max_npc_labels(settings.max_npc_labels)
     errors.install(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return errors.error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    app.add_middleware(LimitBody)
 
     app.include_router(health.router)
     app.include_router(npcs.router)
