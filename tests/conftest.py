@@ -71,7 +71,10 @@ class Server:
                "NPC_WORKER_METRICS_PORT": str(self.worker_metrics_port), "NPC_KV_CACHE_BYTES": str(256 << 20),
                # the product default (persona-pruner, evaluated) takes minutes per NPC; tests that are not
                # about it use the seconds-fast activation method and opt in where they need more
-               "NPC_DEFAULT_METHOD": "activation", "NPC_EVALUATE": "0", **self.extra_env}
+               "NPC_DEFAULT_METHOD": "activation", "NPC_EVALUATE": "0",
+               # one engine per shape keeps the shared server's engine count (and CI time) fixed;
+               # tests/test_slots.py covers several slots
+               "NPC_ENGINE_SLOTS": "1", **self.extra_env}
         env.pop("REDIS_URL", None)
         env.update(self.extra_env)
         self.data_dir.mkdir(parents=True, exist_ok=True)

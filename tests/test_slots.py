@@ -37,7 +37,7 @@ def slotted(tmp_path_factory, models_dir, server, npc_a, npc_b):
              "progress": 1.0, "checkpoint": str(server.data_dir / "npcs" / src[k]["id"])} for k in ids]
     asyncio.run(_register(url, recs))
     srv = Server(tmp / "data", models_dir, extra_env={
-        "NPC_REDIS_URL": url, "NPC_ENGINE_SLOTS": "2", "NPC_MAX_ENGINES": "2"}).start()
+        "NPC_REDIS_URL": url, "NPC_ENGINE_SLOTS": "2", "NPC_MAX_ENGINES": "2", "NPC_MAX_WAITING": "3"}).start()
     try:
         deadline = time.time() + 240
         while len(_engines(srv)) < 2:  # prewarm starts both slots
@@ -111,3 +111,22 @@ def test_bad_keep_alive(slotted):
     r = _chat(srv, ids["a"], keep_alive="soon")
     assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
     assert _load(srv, ids["a"], [1]).status_code == 400
+
+
+def test_flood_gets_429_never_a_hang(slotted):
+    import concurrent.futures as cf
+
+    srv, ids = slotted
+    npcs = [ids["a"], ids["b"], ids["c"]]
+
+    def one(i: int) -> httpx.Response:
+        return _chat(srv, npcs[i % 3], max_tokens=16)
+
+    with cf.ThreadPoolExecutor(18) as ex:
+        rs = list(ex.map(one, range(18)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429}, [r.text for r in rs if r.status_code not in (200, 429)]
+    assert 200 in codes and 429 in codes, codes
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] and "NPC_MAX_WAITING" in busy.json()["error"]["message"]
+    assert all(e["waiting"] == 0 and e["in_flight"] == 0 for e in _engines(srv))
