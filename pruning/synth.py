@@ -155,10 +155,22 @@ def save_dataset(cache_dir: Path | None, key: str, rows: list[dict]) -> Path | N
 
 def rewrite(model, tok, system: str | None, instructions: list[str], *, max_new_tokens: int = 96,
             batch_size: int = 16, temperature: float = 0.0, seed: int = 0, teacher_url: str | None = None,
-            teacher_model: str | None = None,
+            teacher_model: str | None = None, backend: str = "hf",
             progress: Callable[[float], None] = lambda f: None) -> list[dict]:
-    """Rows {instruction, answer, finished}: the teacher's persona-conditioned answers."""
-    if teacher_url:
+    """Rows {instruction, answer, finished}: the teacher's persona-conditioned answers.
+
+    `backend` "vllm" runs the base model in a process-wide vLLM engine (worth it when one
+    process prunes many personas); "hf" (default) batches transformers' generate, which for
+    one persona's few dozen answers is faster than starting an engine (~20 s here)."""
+    if backend == "vllm" and not teacher_url:
+        from pruning import vllm_gen
+
+        path = getattr(model.config, "_name_or_path", "")
+        if not path or not Path(path).is_dir():
+            raise PruneError("teacher_backend vllm needs a base model loaded from a local directory")
+        pairs = vllm_gen.answers(path, system, instructions, max_new_tokens, temperature=temperature, seed=seed)
+        progress(1.0)
+    elif teacher_url:
         if not teacher_model:
             raise PruneError("teacher_url needs teacher_model")
         pairs = openai_answers(system, instructions, max_new_tokens, url=teacher_url, model=teacher_model,

@@ -211,6 +211,8 @@ def eval_cmd(
     backend: str = typer.Option("auto", help="answer generation: vllm | hf | auto"),
     max_new_tokens: int = typer.Option(96),
     limit: Optional[int] = typer.Option(None, help="questions per set"),
+    conversations: int = typer.Option(4, help="multi-turn: conversations (0: skip)"),
+    turns: int = typer.Option(5, help="multi-turn: user turns per conversation"),
     throughput: bool = typer.Option(False, help="also measure vLLM decode tok/s (starts two engines)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -222,7 +224,8 @@ def eval_cmd(
     try:
         refs = load_reference_personas(reference_personas) if reference_personas else []
         opts = EvalOptions(backend=backend, max_new_tokens=max_new_tokens, limit=limit, references=refs,
-                           judge_url=judge_url, judge_model=judge_model, throughput=throughput)
+                           judge_url=judge_url, judge_model=judge_model, throughput=throughput,
+                           conversations=conversations, turns=turns)
         result = run_eval(model, eval_file, base=base, general_file=general_file, opts=opts,
                           models_dir=get_settings().models, log=lambda m: typer.echo(m, err=True))
     except PruneError as e:

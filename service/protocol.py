@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,7 +23,11 @@ class NpcCreate(BaseModel):
                                 description="persona description (or give `card`)")
     card: dict[str, Any] | None = Field(None, description="a Tavern V1/V2/V3 character card object")
     sparsity: float = Field(0.25, gt=0, le=0.9, description="share of FFN channels to remove, in (0, 0.9]")
-    method: str = Field("activation", description="pruning method")
+    method: str | None = Field(None, description="pruning method (default: persona-pruner, NPC_DEFAULT_METHOD)")
+    options: dict[str, Any] | None = Field(None, description='method options, e.g. {"profile": "fast"}, '
+                                           '{"steps": 80}, {"recover": true}')
+    evaluate: bool | None = Field(None, description="score the NPC against the dense base when it is ready "
+                                  "(default: NPC_EVALUATE)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("persona")
@@ -33,9 +39,27 @@ class NpcCreate(BaseModel):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
+    def _known_method(cls, v: str | None) -> str | None:
+        if v is not None and v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, v: dict | None) -> dict | None:
+        from pruning.persona_pruner import OPTIONS
+        from pruning.prune import RECOVERY_OPTIONS
+
+        if not v:
+            return v
+        unknown = set(v) - OPTIONS - RECOVERY_OPTIONS - {"pool_path", "references_path"} | (
+            set(v) & {"pool_path", "references_path", "teacher_url", "cache_dir"})
+        if unknown:  # server-side paths and outbound URLs are not for API callers
+            raise ValueError(f"unknown or not allowed options: {', '.join(sorted(unknown))}")
+        if v.get("profile") not in (None, "fast", "default", "thorough"):
+            raise ValueError(f"unknown profile {v['profile']!r}; choose fast, default or thorough")
+        if len(json.dumps(v, default=str)) > 4096:
+            raise ValueError("options too large")
         return v
 
 
@@ -58,6 +82,8 @@ class Npc(BaseModel):
     timings: dict[str, float] | None = None
     attempts: int = 0
     kept_per_layer: int | None = None
+    options: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(None, description="evaluation against the dense base, once known")
     greeting: str | None = None
     persona_truncated: bool = False
 

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_persona_chars: int = 4000
     default_max_tokens: int = 256
     calibration_prompts: int = 32
+    default_method: str = Field("persona-pruner", description="pruning method when a request names none")
+    default_profile: str = Field("default", pattern="^(fast|default|thorough)$",
+                                 description="persona-pruner effort when a request names none")
+    evaluate: bool = Field(True, description="score every new NPC against the dense base (KL, NLL, attribution)")
     max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
     engine_slots: int = Field(2, ge=1, description="engines per NPC shape, each holding one NPC at a time (2 measured best on 2 cores)")
     cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")

@@ -110,12 +110,17 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
     except PruneError as e:
         raise ApiError(503, str(e), code="base_model_missing")
 
+    method = req.method or settings.default_method
+    options = dict(req.options or {})
+    if method == "persona-pruner" or options.get("recover"):
+        options.setdefault("profile", settings.default_profile)
+    evaluate = settings.evaluate if req.evaluate is None else req.evaluate
     idem_key = request.headers.get("idempotency-key")
     npc_id = new_id()
     if idem_key:
         if len(idem_key) > 255:
             raise ApiError(400, "Idempotency-Key longer than 255 characters", param="Idempotency-Key")
-        digest = hashlib.sha256(json.dumps([fields, req.sparsity, req.method, req.seed], sort_keys=True,
+        digest = hashlib.sha256(json.dumps([fields, req.sparsity, method, options, req.seed], sort_keys=True,
                                            default=str).encode()).hexdigest()
         slot = IDEMPOTENCY.format(who.tenant, hashlib.sha256(idem_key.encode()).hexdigest())
         # SET NX: of concurrent requests with one key, exactly one creates the NPC
@@ -133,8 +138,8 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
             raise ApiError(409, "a request with this Idempotency-Key is still being processed",
                            param="Idempotency-Key", headers={"Retry-After": "1"})
 
-    rec = await store.create({"id": npc_id, **fields, "sparsity": req.sparsity, "method": req.method,
-                              "seed": req.seed, "base": str(base), "owner": who.tenant})
+    rec = await store.create({"id": npc_id, **fields, "sparsity": req.sparsity, "method": method,
+                              "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant})
     await queue.enqueue_job("prune_npc", npc_id, _job_id=f"prune:{npc_id}", _queue_name=QUEUE)
     return public(rec)
 

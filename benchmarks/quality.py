@@ -1,0 +1,348 @@
+"""Role-play fidelity of every pruning method against the dense base (the paper's Table 1, locally).
+
+    .venv/bin/python benchmarks/quality.py            # 10 personas x {0.25, 0.5} x every method
+
+For each persona of ../shared/data/eval (specific questions with its system prompt, general
+questions without one) the dense model's greedy answers are generated once with vLLM, then every
+method's mask is scored teacher-forced: persona KL(dense || pruned) and NLL, general KL and NLL,
+and attribution of the pruned model's own answers (all-MiniLM-L6-v2). Persona-independent
+methods are scored once; activation-persona and persona-pruner per persona. Writes
+docs/quality.md, docs/quality.csv and PNG plots; rows are appended to the CSV as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pruning.attribution import attribution  # noqa: E402
+from pruning.batching import channel_mask, kept_masks  # noqa: E402
+from pruning.datasets import calibration_prompts, load_reference_personas  # noqa: E402
+from pruning.evaluate import Evaluator, load_eval_file  # noqa: E402
+from pruning.export import drop_layers_inplace, keep_count, select_kept  # noqa: E402
+from pruning.methods import LayerScores, PruneContext, blocks_to_drop, get_method  # noqa: E402
+from pruning.model_io import load_model  # noqa: E402
+from pruning.synth import generate_detailed  # noqa: E402
+
+EVAL = ROOT.parent / "shared" / "data" / "eval"
+GENERIC = ["random", "magnitude", "activation", "taylor", "depth"]
+PERSONAL = ["activation-persona", "persona-pruner"]
+BASELINES = GENERIC + ["activation-persona"]
+
+
+def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
+    """Subprocess mode: the dense model's greedy answers for every set, with vLLM."""
+    from pruning import vllm_gen
+
+    sets = json.loads(Path(spec).read_text())
+    result = {}
+    for name, s in sets.items():
+        result[name] = vllm_gen.answers(base, s["system"], s["questions"], max_new_tokens)
+    Path(out).write_text(json.dumps(result))
+    vllm_gen.release()
+
+
+def dense_answers(base: Path, sets: dict, max_new_tokens: int, work: Path, backend: str) -> dict:
+    if backend == "hf":
+        model, tok = load_model(base, dtype=torch.bfloat16)
+        return {n: generate_detailed(model, tok, s["system"], s["questions"], max_new_tokens) for n, s in sets.items()}
+    spec, out = work / "dense_sets.json", work / "dense_answers.json"
+    spec.write_text(json.dumps(sets))
+    # its own process: vLLM's CPU thread binding must not leak into the torch work that follows
+    subprocess.run([sys.executable, __file__, "--gen-dense", str(base), str(spec), str(out), str(max_new_tokens)],
+                   check=True, cwd=ROOT)
+    return {k: [tuple(x) for x in v] for k, v in json.loads(out.read_text()).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gen-dense", nargs=4, metavar=("BASE", "SPEC", "OUT", "TOKENS"))
+    ap.add_argument("--base", default=str(Path.home() / ".local/share/npc/models/smollm2-135m-instruct"))
+    ap.add_argument("--personas", default="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--sparsities", default="0.25,0.5")
+    ap.add_argument("--methods", default=",".join(GENERIC + PERSONAL))
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--attribution-n", type=int, default=8, help="questions per persona for attribution (0: off)")
+    ap.add_argument("--attribution-sparsities", default="0.25")
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--work", default=str(ROOT / ".bench" / "quality"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from quality.csv")
+    a = ap.parse_args()
+    if a.gen_dense:
+        gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
+        return
+    if a.report_only:
+        return report_only(a)
+
+    t_start = time.time()
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    base = Path(a.base)
+    personas = [int(x) for x in a.personas.split(",")]
+    sparsities = [float(x) for x in a.sparsities.split(",")]
+    attr_sp = {float(x) for x in a.attribution_sparsities.split(",") if x}
+    methods = a.methods.split(",")
+    refs = load_reference_personas()
+
+    sets, evals = {}, {}
+    for u in personas:
+        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
+        evals[u] = (sp, gen)
+        sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
+        sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
+    t0 = time.time()
+    answers = dense_answers(base, sets, a.max_new_tokens, work, a.backend)
+    print(f"dense answers for {len(sets)} sets in {time.time() - t0:.0f}s ({a.backend})", flush=True)
+
+    model, tok = load_model(base, dtype=torch.float32)
+    dense_size = model.config.intermediate_size
+    generic_scores = {}
+    for m in [m for m in methods if m in GENERIC]:
+        t = time.time()
+        generic_scores[m] = get_method(m)(model, tok, PruneContext(persona="-", calibration=calibration_prompts(32)))
+        print(f"{m}: scored in {time.time() - t:.1f}s", flush=True)
+
+    csv_path = out / "quality.csv"
+    fields = ["persona", "method", "sparsity", "persona_kl", "persona_nll", "persona_nll_dense", "general_kl",
+              "general_nll", "general_nll_dense", "attribution", "seconds"]
+    with open(csv_path, "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writeheader()
+    rows: list[dict] = []
+    prune_times: list[dict] = []
+
+    def pruned_view(kind, data):
+        """A context giving the pruned model: channel masks on the dense model, or a depth copy."""
+        if kind == "kept":
+            return model, kept_masks(model, data)
+        m2 = copy.deepcopy(model)
+        drop_layers_inplace(m2, data)
+        return m2, None
+
+    for u in personas:
+        sp, gen = evals[u]
+        pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
+        evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
+        evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+        who = sp.persona or sp.system
+        dense_attr = attribution([x[0] for x in pa[: a.attribution_n]], who, refs)["attribution"] if a.attribution_n else None
+        rows.append(dict(persona=u, method="dense", sparsity=0.0, persona_kl=0.0, persona_nll=evp.dense_nll,
+                         persona_nll_dense=evp.dense_nll, general_kl=0.0, general_nll=evg.dense_nll,
+                         general_nll_dense=evg.dense_nll, attribution=dense_attr, seconds=0.0))
+        _append(csv_path, fields, rows[-1])
+        persona_scores = {}
+        for s in sparsities:
+            k = keep_count(dense_size, s)
+            for m in methods:
+                t = time.time()
+                if m in generic_scores:
+                    scores = generic_scores[m]
+                elif m == "activation-persona":
+                    if m not in persona_scores:
+                        persona_scores[m] = get_method(m)(model, tok, PruneContext(
+                            persona=sp.system, calibration=calibration_prompts(32)))
+                    scores = persona_scores[m]
+                else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
+                    ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,
+                                       options={"profile": a.profile}, cache_dir=work / "cache")
+                    scores = get_method(m)(model, tok, ctx)
+                    info = ctx.info.get("persona_pruner", {})
+                    prune_times.append({"persona": u, "sparsity": s, "seconds": time.time() - t,
+                                        "cached_data": info.get("dataset_cached"), "info": info})
+                    (work / "prune_times.json").write_text(json.dumps(prune_times))
+                if isinstance(scores, LayerScores):
+                    n = blocks_to_drop(model, s)
+                    kind, data = "drop", sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
+                else:
+                    kind, data = "kept", select_kept(scores, k)
+                pm, masks = pruned_view(kind, data)
+                rp = evp.score(masks) if masks is not None else evp.score(model=pm)
+                rg = evg.score(masks) if masks is not None else evg.score(model=pm)
+                attr = None
+                if a.attribution_n and s in attr_sp:
+                    with channel_mask(pm, masks) if masks is not None else _null():
+                        own = generate_detailed(pm, tok, sp.system, sp.questions[: a.attribution_n], 48)
+                    attr = attribution([x[0] for x in own], who, refs)["attribution"]
+                row = dict(persona=u, method=m, sparsity=s, persona_kl=rp["kl_to_dense"], persona_nll=rp["nll"],
+                           persona_nll_dense=rp["nll_dense"], general_kl=rg["kl_to_dense"], general_nll=rg["nll"],
+                           general_nll_dense=rg["nll_dense"], attribution=attr, seconds=round(time.time() - t, 1))
+                rows.append(row)
+                _append(csv_path, fields, row)
+                print(f"persona {u} s={s} {m:20s} persona KL {row['persona_kl']:.4f} general KL "
+                      f"{row['general_kl']:.4f} attr {attr} ({row['seconds']}s)", flush=True)
+                if pm is not model:
+                    del pm
+    summary = summarize(rows, sparsities, methods, prune_times)
+    summary["total_s"] = round(time.time() - t_start)
+    (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
+                                                 indent=1))
+    plot(rows, sparsities, methods, out)
+    write_md(summary, rows, sparsities, methods, out, a)
+    print(json.dumps(summary, indent=1))
+
+
+def report_only(a) -> None:
+    """The report from the rows written so far (a run that was stopped early)."""
+    out, work = Path(a.out), Path(a.work)
+    rows = []
+    with open(out / "quality.csv") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
+    for r in rows:
+        r["persona"] = int(r["persona"])
+    done = {r["persona"] for r in rows if r["method"] == "persona-pruner"}
+    rows = [r for r in rows if r["persona"] in done]
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    methods = [m for m in a.methods.split(",") if any(r["method"] == m for r in rows)]
+    pt = json.loads((work / "prune_times.json").read_text()) if (work / "prune_times.json").is_file() else []
+    summary = summarize(rows, sparsities, methods, [p for p in pt if p["persona"] in done])
+    summary["total_s"] = "partial run"
+    plot(rows, sparsities, methods, out)
+    write_md(summary, rows, sparsities, methods, out, a)
+    print(json.dumps(summary, indent=1))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _append(path: Path, fields: list[str], row: dict) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writerow({k: row.get(k) for k in fields})
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def summarize(rows, sparsities, methods, prune_times) -> dict:
+    out: dict = {"by_method": {}, "checks": {}}
+    for s in sparsities:
+        for m in methods:
+            r = [x for x in rows if x["method"] == m and x["sparsity"] == s]
+            out["by_method"][f"{m}@{s}"] = {k: _mean([x[k] for x in r]) for k in
+                                            ("persona_kl", "persona_nll", "general_kl", "general_nll", "attribution")}
+        if "persona-pruner" not in methods:
+            continue
+        base = [m for m in methods if m in BASELINES]
+        pp = {x["persona"]: x for x in rows if x["method"] == "persona-pruner" and x["sparsity"] == s}
+        wins = 0
+        for u, row in pp.items():
+            others = [x["persona_kl"] for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
+            wins += all(row["persona_kl"] < o for o in others)
+        bm = {m: out["by_method"][f"{m}@{s}"] for m in base}
+        best_p = min(bm, key=lambda m: bm[m]["persona_kl"])
+        best_g = min(bm, key=lambda m: bm[m]["general_kl"])
+        me = out["by_method"][f"persona-pruner@{s}"]
+        out["checks"][str(s)] = {
+            "wins": wins, "personas": len(pp), "best_baseline_persona": best_p,
+            "persona_kl_ratio_to_best": me["persona_kl"] / bm[best_p]["persona_kl"],
+            "best_baseline_general": best_g,
+            "general_kl_ratio_to_best": me["general_kl"] / bm[best_g]["general_kl"],
+        }
+    if prune_times:
+        first = [p["seconds"] for p in prune_times if not p["cached_data"]]
+        out["prune_seconds_with_data"] = {"mean": _mean(first), "max": max(first) if first else None}
+        out["prune_seconds_cached_data"] = _mean([p["seconds"] for p in prune_times if p["cached_data"]])
+    return out
+
+
+def plot(rows, sparsities, methods, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, title, fname in (("persona_kl", "persona KL(dense || pruned), mean of personas", "quality_persona_kl.png"),
+                              ("general_kl", "general KL(dense || pruned), mean of personas", "quality_general_kl.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for m in methods:
+            ys = [_mean([x[key] for x in rows if x["method"] == m and x["sparsity"] == s]) for s in sparsities]
+            ax.plot(sparsities, ys, marker="o", label=m, linewidth=2.5 if m == "persona-pruner" else 1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("FFN sparsity")
+        ax.set_ylabel("KL (nats/token, log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
+    bm = summary["by_method"]
+    lines = ["# Role-play fidelity by pruning method", "",
+             f"Generated by `benchmarks/quality.py` (profile `{a.profile}`, {len(set(r['persona'] for r in rows))} "
+             f"personas from `shared/data/eval`, base SmolLM2-135M-Instruct, dense answers by {a.backend}, "
+             f"{a.max_new_tokens} tokens; total {summary.get('total_s')} s on this 2-core box).", "",
+             "Lower KL is better: mean per-token KL(dense || pruned) on the dense model's own greedy answers, "
+             "teacher-forced; persona = the eval's specific questions with the persona system prompt, general = "
+             "its general questions without one. Attribution: share of the pruned model's answers (first "
+             f"{a.attribution_n} questions, 48 tokens) whose MiniLM embedding is nearest to the right persona "
+             f"among it and {len(load_reference_personas())} reference personas.", ""]
+    head = "| method | " + " | ".join(f"persona KL @{s} | general KL @{s}" for s in sparsities) + \
+        " | persona NLL @" + str(sparsities[0]) + " | attribution @" + str(sparsities[0]) + " |"
+    lines += [head, "|" + "---|" * (3 + 2 * len(sparsities))]
+    dense = [r for r in rows if r["method"] == "dense"]
+    lines.append("| dense | " + " | ".join("0 | 0" for _ in sparsities) +
+                 f" | {_mean([r['persona_nll'] for r in dense]):.3f} | {_fmt(_mean([r['attribution'] for r in dense]))} |")
+    for m in methods:
+        cells = []
+        for s in sparsities:
+            cells += [_fmt(bm[f"{m}@{s}"]["persona_kl"]), _fmt(bm[f"{m}@{s}"]["general_kl"])]
+        first = bm[f"{m}@{sparsities[0]}"]
+        name = f"**{m}**" if m == "persona-pruner" else m
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(first['persona_nll'])} | {_fmt(first['attribution'])} |")
+    lines += ["", "## Checks (issue 3)", ""]
+    for s, c in summary["checks"].items():
+        lines.append(f"- sparsity {s}: persona-pruner has the lowest persona KL for **{c['wins']}/{c['personas']}** "
+                     f"personas; its mean persona KL is **{c['persona_kl_ratio_to_best']:.1%}** of the best baseline's "
+                     f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "
+                     f"best baseline's ({c['best_baseline_general']}).")
+    if "prune_seconds_with_data" in summary:
+        p = summary["prune_seconds_with_data"]
+        lines.append(f"- `{a.profile}` profile, one persona including its synthetic data: mean {p['mean']:.0f} s, "
+                     f"max {p['max']:.0f} s; a second sparsity with the data cached: "
+                     f"{_fmt(summary['prune_seconds_cached_data'], 0)} s.")
+    lines += ["", "## Per persona (persona KL)", "",
+              "| persona | " + " | ".join(f"{m} @{s}" for s in sparsities for m in methods) + " |",
+              "|---|" + "---|" * (len(sparsities) * len(methods))]
+    for u in sorted({r["persona"] for r in rows}):
+        cells = []
+        for s in sparsities:
+            for m in methods:
+                r = [x for x in rows if x["persona"] == u and x["method"] == m and x["sparsity"] == s]
+                cells.append(_fmt(r[0]["persona_kl"]) if r else "")
+        lines.append(f"| {u} | " + " | ".join(cells) + " |")
+    lines += ["", "![persona KL](quality_persona_kl.png)", "", "![general KL](quality_general_kl.png)", "",
+              "Raw rows: `quality.csv`; everything: `quality.json`."]
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(x, nd=4) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+if __name__ == "__main__":
+    main()
