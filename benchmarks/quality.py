@@ -46,7 +46,7 @@ def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
     """Subprocess mode: the dense model's greedy answers for every set, with vLLM."""
     from pruning import vllm_gen
 
-    sets = json.loads(Path(spec).read_text())
+    sets = json.loads(Path(spec).read_text())["sets"]
     result = {}
     for name, s in sets.items():
         result[name] = vllm_gen.answers(base, s["system"], s["questions"], max_new_tokens)
@@ -59,7 +59,10 @@ def dense_answers(base: Path, sets: dict, max_new_tokens: int, work: Path, backe
         model, tok = load_model(base, dtype=torch.bfloat16)
         return {n: generate_detailed(model, tok, s["system"], s["questions"], max_new_tokens) for n, s in sets.items()}
     spec, out = work / "dense_sets.json", work / "dense_answers.json"
-    spec.write_text(json.dumps(sets))
+    want = json.dumps({"sets": sets, "max_new_tokens": max_new_tokens})
+    if out.is_file() and spec.is_file() and spec.read_text() == want:  # a rerun of the same sets
+        return {k: [tuple(x) for x in v] for k, v in json.loads(out.read_text()).items()}
+    spec.write_text(want)
     # its own process: vLLM's CPU thread binding must not leak into the torch work that follows
     subprocess.run([sys.executable, __file__, "--gen-dense", str(base), str(spec), str(out), str(max_new_tokens)],
                    check=True, cwd=ROOT)
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--work", default=str(ROOT / ".bench" / "quality"))
+    ap.add_argument("--budget-s", type=float, default=0, help="start no new persona after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from quality.csv")
     a = ap.parse_args()
     if a.gen_dense:
@@ -115,7 +119,12 @@ def main() -> None:
     generic_scores = {}
     for m in [m for m in methods if m in GENERIC]:
         t = time.time()
+        cached = work / f"scores-{m}.pt"  # persona-independent: reused by reruns
+        if cached.is_file():
+            generic_scores[m] = torch.load(cached, weights_only=False)
+            continue
         generic_scores[m] = get_method(m)(model, tok, PruneContext(persona="-", calibration=calibration_prompts(32)))
+        torch.save(generic_scores[m], cached)
         print(f"{m}: scored in {time.time() - t:.1f}s", flush=True)
 
     csv_path = out / "quality.csv"
@@ -134,7 +143,12 @@ def main() -> None:
         drop_layers_inplace(m2, data)
         return m2, None
 
+    done: list[int] = []
     for u in personas:
+        if a.budget_s and time.time() - t_start > a.budget_s:
+            print(f"time budget spent: stopping after personas {done}", flush=True)
+            break
+        done.append(u)
         sp, gen = evals[u]
         pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
         evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
@@ -189,6 +203,7 @@ def main() -> None:
                     del pm
     summary = summarize(rows, sparsities, methods, prune_times)
     summary["total_s"] = round(time.time() - t_start)
+    summary["personas_done"] = done
     (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
                                                  indent=1))
     plot(rows, sparsities, methods, out)
