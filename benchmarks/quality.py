@@ -143,67 +143,71 @@ def main() -> None:
         drop_layers_inplace(m2, data)
         return m2, None
 
-    done: list[int] = []
-    for u in personas:
-        if a.budget_s and time.time() - t_start > a.budget_s:
-            print(f"time budget spent: stopping after personas {done}", flush=True)
-            break
-        done.append(u)
+    def run_persona(u: int, s: float) -> None:
         sp, gen = evals[u]
         pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
         evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
         evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
         who = sp.persona or sp.system
         dense_attr = attribution([x[0] for x in pa[: a.attribution_n]], who, refs)["attribution"] if a.attribution_n else None
-        rows.append(dict(persona=u, method="dense", sparsity=0.0, persona_kl=0.0, persona_nll=evp.dense_nll,
+        if s == sparsities[0]:
+            rows.append(dict(persona=u, method="dense", sparsity=0.0, persona_kl=0.0, persona_nll=evp.dense_nll,
                          persona_nll_dense=evp.dense_nll, general_kl=0.0, general_nll=evg.dense_nll,
-                         general_nll_dense=evg.dense_nll, attribution=dense_attr, seconds=0.0))
-        _append(csv_path, fields, rows[-1])
+                             general_nll_dense=evg.dense_nll, attribution=dense_attr, seconds=0.0))
+            _append(csv_path, fields, rows[-1])
         persona_scores = {}
-        for s in sparsities:
-            k = keep_count(dense_size, s)
-            for m in methods:
-                t = time.time()
-                if m in generic_scores:
-                    scores = generic_scores[m]
-                elif m == "activation-persona":
-                    if m not in persona_scores:
-                        persona_scores[m] = get_method(m)(model, tok, PruneContext(
-                            persona=sp.system, calibration=calibration_prompts(32)))
-                    scores = persona_scores[m]
-                else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
-                    ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,
-                                       options={"profile": a.profile}, cache_dir=work / "cache")
-                    scores = get_method(m)(model, tok, ctx)
-                    info = ctx.info.get("persona_pruner", {})
-                    prune_times.append({"persona": u, "sparsity": s, "seconds": time.time() - t,
-                                        "cached_data": info.get("dataset_cached"), "info": info})
-                    (work / "prune_times.json").write_text(json.dumps(prune_times))
-                if isinstance(scores, LayerScores):
-                    n = blocks_to_drop(model, s)
-                    kind, data = "drop", sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
-                else:
-                    kind, data = "kept", select_kept(scores, k)
-                pm, masks = pruned_view(kind, data)
-                rp = evp.score(masks) if masks is not None else evp.score(model=pm)
-                rg = evg.score(masks) if masks is not None else evg.score(model=pm)
-                attr = None
-                if a.attribution_n and s in attr_sp:
-                    with channel_mask(pm, masks) if masks is not None else _null():
-                        own = generate_detailed(pm, tok, sp.system, sp.questions[: a.attribution_n], 48)
-                    attr = attribution([x[0] for x in own], who, refs)["attribution"]
-                row = dict(persona=u, method=m, sparsity=s, persona_kl=rp["kl_to_dense"], persona_nll=rp["nll"],
-                           persona_nll_dense=rp["nll_dense"], general_kl=rg["kl_to_dense"], general_nll=rg["nll"],
-                           general_nll_dense=rg["nll_dense"], attribution=attr, seconds=round(time.time() - t, 1))
-                rows.append(row)
-                _append(csv_path, fields, row)
-                print(f"persona {u} s={s} {m:20s} persona KL {row['persona_kl']:.4f} general KL "
-                      f"{row['general_kl']:.4f} attr {attr} ({row['seconds']}s)", flush=True)
-                if pm is not model:
-                    del pm
+        k = keep_count(dense_size, s)
+        for m in methods:
+            t = time.time()
+            if m in generic_scores:
+                scores = generic_scores[m]
+            elif m == "activation-persona":
+                if m not in persona_scores:
+                    persona_scores[m] = get_method(m)(model, tok, PruneContext(
+                        persona=sp.system, calibration=calibration_prompts(32)))
+                scores = persona_scores[m]
+            else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
+                ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,
+                                   options={"profile": a.profile}, cache_dir=work / "cache")
+                scores = get_method(m)(model, tok, ctx)
+                info = ctx.info.get("persona_pruner", {})
+                prune_times.append({"persona": u, "sparsity": s, "seconds": time.time() - t,
+                                    "cached_data": info.get("dataset_cached"), "info": info})
+                (work / "prune_times.json").write_text(json.dumps(prune_times))
+            if isinstance(scores, LayerScores):
+                n = blocks_to_drop(model, s)
+                kind, data = "drop", sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
+            else:
+                kind, data = "kept", select_kept(scores, k)
+            pm, masks = pruned_view(kind, data)
+            rp, rg = evp.score(masks, model=pm), evg.score(masks, model=pm)
+            attr = None
+            if a.attribution_n and s in attr_sp:
+                with channel_mask(pm, masks):
+                    own = generate_detailed(pm, tok, sp.system, sp.questions[: a.attribution_n], 48)
+                attr = attribution([x[0] for x in own], who, refs)["attribution"]
+            row = dict(persona=u, method=m, sparsity=s, persona_kl=rp["kl_to_dense"], persona_nll=rp["nll"],
+                       persona_nll_dense=rp["nll_dense"], general_kl=rg["kl_to_dense"], general_nll=rg["nll"],
+                       general_nll_dense=rg["nll_dense"], attribution=attr, seconds=round(time.time() - t, 1))
+            rows.append(row)
+            _append(csv_path, fields, row)
+            print(f"persona {u} s={s} {m:20s} persona KL {row['persona_kl']:.4f} general KL "
+                  f"{row['general_kl']:.4f} attr {attr} ({row['seconds']}s)", flush=True)
+            if pm is not model:
+                del pm
+
+    done: list[tuple[float, int]] = []
+    # sparsity-major: every persona at the first sparsity before any at the next, so a run
+    # cut short by --budget-s still covers the headline sparsity for as many personas as it can
+    for s in sparsities:
+        for u in personas:
+            if a.budget_s and time.time() - t_start > a.budget_s:
+                break
+            run_persona(u, s)
+            done.append((s, u))
     summary = summarize(rows, sparsities, methods, prune_times)
     summary["total_s"] = round(time.time() - t_start)
-    summary["personas_done"] = done
+    summary["done"] = [f"{u}@{s}" for s, u in done]
     (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
                                                  indent=1))
     plot(rows, sparsities, methods, out)
@@ -230,14 +234,6 @@ def report_only(a) -> None:
     plot(rows, sparsities, methods, out)
     write_md(summary, rows, sparsities, methods, out, a)
     print(json.dumps(summary, indent=1))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _append(path: Path, fields: list[str], row: dict) -> None:

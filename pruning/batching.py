@@ -159,8 +159,12 @@ def channel_mask(model, masks):
     """Multiply each FFN's intermediate activation (down_proj input) by a per-channel mask.
 
     `masks` is a list (one per layer) of (C,) tensors, or a callable layer -> tensor that is
-    evaluated on every forward (so masks that depend on trainable scores stay live).
+    evaluated on every forward (so masks that depend on trainable scores stay live), or None
+    (the dense model: nothing is hooked).
     """
+    if masks is None:
+        yield
+        return
     blocks = ffn_blocks(model)
     get = masks if callable(masks) else (lambda i: masks[i])
     hooks = []

@@ -106,8 +106,7 @@ class Evaluator:
     @torch.no_grad()
     def _logps(self, model, masks):
         pad = pad_id_of(self.tok)
-        ctx = channel_mask(model, masks) if masks is not None else _null()
-        with ctx:
+        with channel_mask(model, masks):
             kv = prefix_kv(model, self.examples[0].ids[: self.P]) if self.P > 0 else None
             for idx in self.batches:
                 sfx = [self.examples[i].ids[self.P:] for i in idx]
@@ -141,14 +140,6 @@ class Evaluator:
         self.last_per_example = per_ex.tolist()
         return {"kl_to_dense": kl_sum / self.tokens, "nll": nll_sum / self.tokens, "nll_dense": self.dense_nll,
                 "tokens": self.tokens}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def kl_to_dense(dense_model, pruned_model, tok, system: str | None, questions: list[str], *,

@@ -213,8 +213,7 @@ def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor]
         P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
     pad = pad_id_of(tok)
     ce_sum, kl_sum, n = 0.0, 0.0, 0
-    ctx = channel_mask(model, masks) if masks is not None else _null()
-    with ctx:
+    with channel_mask(model, masks):
         kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
         batches = dense.batches if dense is not None else length_batches([len(e.ids) for e in examples], batch_size)
         for b, idx in enumerate(batches):
@@ -230,14 +229,6 @@ def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor]
     if dense is not None:
         out["kl"] = kl_sum / max(n, 1)
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # -- initial scores ------------------------------------------------------------------
@@ -446,5 +437,3 @@ def kept_from_scores(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 def hard_masks(model, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return kept_masks(model, kept_from_scores(scores, k))
-
-

@@ -59,7 +59,7 @@ def lora_recover(model, tok, kept: list[torch.Tensor] | None, examples: list[Exa
     masks = kept_masks(model, kept) if kept is not None else None
     peft_model.train()
     try:
-        with channel_mask(model, masks) if masks is not None else _null():
+        with channel_mask(model, masks):
             for step in range(steps):
                 batch = rng.sample(examples, min(batch_size, len(examples)))
                 ids, attn, labels = _batch(batch, pad, device)
@@ -80,11 +80,3 @@ def lora_recover(model, tok, kept: list[torch.Tensor] | None, examples: list[Exa
     return {"steps": steps, "rank": rank, "lr": lr, "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / max(len(losses[-5:]), 1), 4) if losses else None,
             "seconds": round(time.time() - t0, 2)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
