@@ -59,10 +59,11 @@ def dense_answers(base: Path, sets: dict, max_new_tokens: int, work: Path, backe
         model, tok = load_model(base, dtype=torch.bfloat16)
         return {n: generate_detailed(model, tok, s["system"], s["questions"], max_new_tokens) for n, s in sets.items()}
     spec, out = work / "dense_sets.json", work / "dense_answers.json"
-    want = json.dumps({"sets": sets, "max_new_tokens": max_new_tokens})
-    if out.is_file() and spec.is_file() and spec.read_text() == want:  # a rerun of the same sets
-        return {k: [tuple(x) for x in v] for k, v in json.loads(out.read_text()).items()}
-    spec.write_text(want)
+    if out.is_file() and spec.is_file():  # a rerun over some of the same sets
+        old = json.loads(spec.read_text())
+        if old["max_new_tokens"] == max_new_tokens and all(old["sets"].get(k) == v for k, v in sets.items()):
+            return {k: [tuple(x) for x in v] for k, v in json.loads(out.read_text()).items() if k in sets}
+    spec.write_text(json.dumps({"sets": sets, "max_new_tokens": max_new_tokens}))
     # its own process: vLLM's CPU thread binding must not leak into the torch work that follows
     subprocess.run([sys.executable, __file__, "--gen-dense", str(base), str(spec), str(out), str(max_new_tokens)],
                    check=True, cwd=ROOT)

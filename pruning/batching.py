@@ -64,9 +64,11 @@ def make_examples(tok, system: str | None, questions: list[str], answers: list[s
     for i, (q, a) in enumerate(zip(questions, answers)):
         p = prompt_ids(tok, q, system)
         ans = answer_ids(tok, a, True if finished is None else finished[i])
-        ids = (p + ans)[:max_length]
-        if len(ids) > len(p):  # at least one scored token
-            out.append(Example(ids, len(p)))
+        # the prompt is never cut (a long persona is the point); a prompt near `max_length`
+        # still keeps up to 64 answer tokens to score
+        room = max(max_length - len(p), min(len(ans), 64))
+        if ans:
+            out.append(Example(p + ans[:room], len(p)))
     return out
 
 

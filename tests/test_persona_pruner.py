@@ -147,3 +147,16 @@ def test_prune_with_persona_pruner_exports_a_loadable_checkpoint(base_dir, tmp_p
     by_model, by_mask = ev.score(model=pruned), ev.score(kept=kept)
     assert abs(by_model["kl_to_dense"] - by_mask["kl_to_dense"]) < 1e-3
     assert ev.score()["kl_to_dense"] < 1e-6  # dense vs itself
+
+
+def test_long_persona_prompts_keep_their_answers(base_dir):
+    """A persona longer than max_length is not cut; the answer keeps up to 64 scored tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    system = "You are a very detailed persona. " * 120  # ~800 tokens
+    ex = make_examples(tok, system, ["Who are you?"], ["I am me. " * 60], [True], max_length=512)
+    assert len(ex) == 1 and ex[0].n_prompt > 512
+    assert len(ex[0].ids) - ex[0].n_prompt == 64
+    short = make_examples(tok, "A pirate.", ["Who are you?"], ["Arr."], [True], max_length=512)
+    assert short[0].ids[short[0].n_prompt:][-1] == tok.convert_tokens_to_ids("<|im_end|>")
