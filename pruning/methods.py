@@ -186,6 +186,12 @@ def blocks_to_drop(model, sparsity: float) -> int:
     return max(1, min(n_layers - 1, n))
 
 
+def layers_to_drop(model, scores: LayerScores, sparsity: float) -> list[int]:
+    """The least influential blocks, as many as `blocks_to_drop`, in layer order."""
+    n = blocks_to_drop(model, sparsity)
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
+
+
 @register("depth")
 def score_depth(model, tok, ctx: PruneContext) -> LayerScores:
     """ShortGPT-style block influence: mean 1 - cos(block input, block output) over the tokens

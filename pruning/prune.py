@@ -65,7 +65,7 @@ def prune(
     `system_prompt` is the chat-time system prompt when it is not the persona text itself;
     `cache_dir` holds reusable intermediate data (persona-pruner's synthetic sets).
     """
-    from pruning.methods import LayerScores, blocks_to_drop
+    from pruning.methods import LayerScores, layers_to_drop
 
     options = dict(options or {})
     check_args(persona, sparsity, method)
@@ -104,8 +104,7 @@ def prune(
     scores = score_fn(model, tok, ctx)
     dropped: list[int] = []
     if isinstance(scores, LayerScores):
-        n = blocks_to_drop(model, sparsity)
-        dropped = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
+        dropped = layers_to_drop(model, scores, sparsity)
         kept = None
         ctx.info["layer_scores"] = [round(float(x), 6) for x in scores]
     else:
