@@ -90,6 +90,18 @@ def common_prefix_len(seqs: list[list[int]], limit: int | None = None) -> int:
     return n
 
 
+def scored_positions(examples: list[Example], idx: list[int], P: int):
+    """Rows/cols (suffix coordinates) whose outputs predict the scored tokens, and the targets."""
+    rows, cols, tgt = [], [], []
+    for r, i in enumerate(idx):
+        e = examples[i]
+        for t in range(e.n_prompt, len(e.ids)):
+            rows.append(r)
+            cols.append(t - 1 - P)
+            tgt.append(e.ids[t])
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(tgt)
+
+
 # -- shared-prefix forwards ---------------------------------------------------
 
 

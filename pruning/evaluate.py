@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pruning import PruneError
 from pruning.batching import (channel_mask, common_prefix_len, forward_suffixes, kept_masks, length_batches,
-                              make_examples, pad_id_of, prefix_kv)
+                              make_examples, pad_id_of, prefix_kv, scored_positions)
 from pruning.synth import generate_detailed
 
 
@@ -111,15 +111,9 @@ class Evaluator:
             for idx in self.batches:
                 sfx = [self.examples[i].ids[self.P:] for i in idx]
                 hidden = forward_suffixes(model, kv, self.P, sfx, pad)
-                rows, cols, tgt = [], [], []
-                for r, i in enumerate(idx):
-                    e = self.examples[i]
-                    for t in range(e.n_prompt, len(e.ids)):
-                        rows.append(r)
-                        cols.append(t - 1 - self.P)
-                        tgt.append(e.ids[t])
-                h = hidden[torch.tensor(rows), torch.tensor(cols)]
-                yield F.log_softmax(model.lm_head(h).float(), dim=-1).cpu(), torch.tensor(tgt)
+                rows, cols, tgt = scored_positions(self.examples, idx, self.P)
+                h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+                yield F.log_softmax(model.lm_head(h).float(), dim=-1).cpu(), tgt
 
     def score(self, masks: list[torch.Tensor] | None = None, *, model=None, kept=None) -> dict:
         """Metrics of the dense model under 0/1 `masks` (or `kept` indices), or of another `model`."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pruning import PruneError
 from pruning.batching import (Example, channel_mask, common_prefix_len, forward_suffixes, kept_masks,
-                              length_batches, pad_id_of, prefix_kv)
+                              length_batches, pad_id_of, prefix_kv, scored_positions)
 from pruning.model_io import ffn_blocks
 
 VARIANTS = ("ste", "gumbel", "soft-topk")
@@ -116,18 +116,6 @@ class ChannelScores(torch.nn.Module):
 # -- data passes -------------------------------------------------------------------
 
 
-def _positions(examples: list[Example], idx: list[int], P: int):
-    """Rows/cols (suffix coordinates) whose outputs predict the scored tokens, and the targets."""
-    rows, cols, tgt = [], [], []
-    for r, i in enumerate(idx):
-        e = examples[i]
-        for t in range(e.n_prompt, len(e.ids)):
-            rows.append(r)
-            cols.append(t - 1 - P)
-            tgt.append(e.ids[t])
-    return torch.tensor(rows), torch.tensor(cols), torch.tensor(tgt)
-
-
 def _logp_at(model, hidden, rows, cols) -> torch.Tensor:
     h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
     return F.log_softmax(model.lm_head(h).float(), dim=-1)
@@ -173,7 +161,7 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
             state["mask"] = torch.tensor([[c < len(x) for c in range(T)] for x in sfx])
             hidden = forward_suffixes(model, kv, P, sfx, pad)
             state["mask"] = None
-            rows, cols, tgt = _positions(examples, idx, P)
+            rows, cols, tgt = scored_positions(examples, idx, P)
             logp = _logp_at(model, hidden, rows, cols)
             top = torch.topk(logp, kl_topk, dim=-1)
             tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
@@ -219,7 +207,7 @@ def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor]
         for b, idx in enumerate(batches):
             sfx = [examples[i].ids[P:] for i in idx]
             hidden = forward_suffixes(model, kv, P, sfx, pad)
-            rows, cols, tgt = _positions(examples, idx, P)
+            rows, cols, tgt = scored_positions(examples, idx, P)
             logq = _logp_at(model, hidden, rows, cols)
             ce_sum += float(F.nll_loss(logq, tgt.to(logq.device), reduction="sum"))
             if dense is not None:
@@ -258,7 +246,7 @@ def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int, *,
         m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
         with channel_mask(model, lambda i: m[i]):
             hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
-            rows, cols, tgt = _positions(examples, idx, P)
+            rows, cols, tgt = scored_positions(examples, idx, P)
             if sampled and dense is not None:
                 pick = torch.multinomial(dense.top_logp[b].float().exp(), 1, generator=generator)[:, 0]
                 tgt = dense.top_idx[b].gather(1, pick[:, None])[:, 0]
