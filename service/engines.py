@@ -11,17 +11,26 @@ Scheduling inside a slot is fair but batch-aware: while other NPCs wait, the
 loaded NPC admits no new requests; once drained, the NPC of the oldest waiting
 request is swapped in and *all* its waiting requests enter together, so they
 share decode batches.
+
+With NPC_MIXED_BATCHES (the default), NPCs that have a compact form are not
+swapped at all: a *mask engine* runs the dense base and applies each token's NPC
+channel mask inside down_proj (vllm_masks.py), so requests of different NPCs share
+one decode batch. An NPC is then "loaded" when its mask adapter is in the engine
+(vLLM's LoRA cache); keep_alive, pin and unload act on that adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from service import metrics
@@ -36,6 +45,24 @@ def shape_key(manifest: dict, config: dict) -> tuple:
     return (manifest.get("base_sha256", ""), config.get("intermediate_size"), config.get("num_hidden_layers"))
 
 
+@lru_cache(maxsize=16)
+def _base_config(base_dir: str) -> dict:
+    return json.loads((Path(base_dir) / "config.json").read_text())
+
+
+class _MaskedEngine:
+    """The engine as the serving code sees it, with every request tagged with the NPC's mask."""
+
+    def __init__(self, engine, lora):
+        self._engine, self._lora = engine, lora
+
+    def generate(self, prompt, params, request_id, **kw):
+        return self._engine.generate(prompt, params, request_id, lora_request=self._lora, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 @dataclass
 class NpcWeights:
     """How to load one NPC: its checkpoint dir, plus the compact form when it has one."""
@@ -45,6 +72,7 @@ class NpcWeights:
     base_label: str = ""
     base_dir: str | None = None  # compact form: the base checkpoint and the kept FFN channels
     kept: list[list[int]] | None = None
+    mask: bool = False  # the base, for a mask engine
 
     @property
     def compact(self) -> bool:
@@ -74,6 +102,9 @@ class Slot:
     last_swap: dict | None = None
     last_used: float = field(default_factory=time.time)
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    mask: bool = False  # a mask engine: many NPCs at once, by adapter
+    npcs: dict[str, float] = field(default_factory=dict)  # mask engine: loaded NPC -> last use
+    active: dict[str, int] = field(default_factory=dict)  # mask engine: NPC -> requests in flight
 
     @property
     def waiting(self) -> int:
@@ -91,6 +122,8 @@ class EnginePool:
         self._prewarmed: dict[tuple, int] = {}
         self.keep_alive: dict[str, float] = {}  # per NPC, seconds; PIN never expires
         self._reaper: asyncio.Task | None = None
+        self._lora_ids: dict[str, int] = {}
+        self._adapters: dict[tuple, str] = {}
 
     # -- residency ------------------------------------------------------------
 
@@ -104,7 +137,12 @@ class EnginePool:
         if seconds is not None:
             self.keep_alive[npc_id] = seconds
 
+    def slot_pinned(self, slot: Slot) -> bool:
+        return self.pinned(slot.npc_id) or any(self.pinned(n) for n in slot.npcs)
+
     def expires(self, slot: Slot) -> float | None:
+        if slot.mask:
+            return None
         ka = self.keep_alive_of(slot.npc_id)
         if slot.npc_id is None or ka < 0 or not slot.idle():
             return None
@@ -114,6 +152,13 @@ class EnginePool:
         """The NPC leaves its slot after its keep_alive; the engine stays warm for the next NPC."""
         now = time.time()
         for slot in self.all_slots():
+            if slot.mask:
+                for npc, last in list(slot.npcs.items()):
+                    ka = self.keep_alive_of(npc)
+                    if ka >= 0 and not slot.active.get(npc) and last + ka <= now:
+                        log.info("NPC %s idle past its keep_alive: mask adapter removed", npc)
+                        await self._drop_adapter(slot, npc)
+                continue
             exp = self.expires(slot)
             if exp is not None and exp <= now:
                 async with slot.cond:
@@ -142,7 +187,7 @@ class EnginePool:
     def _n_engines(self) -> int:
         return len(self.all_slots()) + len(self._starting)
 
-    def _engine_args(self, ckpt: Path):
+    def _engine_args(self, ckpt: Path, mask: bool = False):
         from vllm import AsyncEngineArgs
 
         kw = dict(
@@ -150,6 +195,11 @@ class EnginePool:
             max_model_len=self.settings.max_model_len, seed=0, enable_prefix_caching=True,
             disable_log_stats=True, worker_extension_cls="service.vllm_swap.NpcSwapWorker",
         )
+        if mask:
+            # rank-1 "adapters" on down_proj only: the NPC channel masks (vllm_masks.py)
+            kw.update(enable_lora=True, max_lora_rank=8, lora_target_modules=["down_proj"],
+                      max_loras=self.settings.mixed_batch_npcs,
+                      max_cpu_loras=max(self.settings.mixed_batch_npcs, self.settings.mixed_loaded_npcs))
         if self.settings.kv_cache_bytes:
             kw["kv_cache_memory_bytes"] = self.settings.kv_cache_bytes
         else:
@@ -170,11 +220,12 @@ class EnginePool:
 
         t0 = time.time()
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if core else {}
+        env["NPC_MASK_ENGINE"] = "1" if w.mask else "0"
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
-                engine = AsyncLLM.from_engine_args(self._engine_args(w.ckpt))
+                engine = AsyncLLM.from_engine_args(self._engine_args(w.ckpt, w.mask))
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -189,7 +240,7 @@ class EnginePool:
         """Make room for one more engine: stop the least recently used idle, unpinned one."""
         if self._n_engines() < self.settings.max_engines:
             return
-        idle = [s for s in self.all_slots() if s.idle() and not self.pinned(s.npc_id)]
+        idle = [s for s in self.all_slots() if s.idle() and not self.slot_pinned(s)]
         if not idle:
             raise ApiError(503, f"all {self.settings.max_engines} engines (NPC_MAX_ENGINES) are busy or pinned; "
                            "retry shortly", code="engines_busy", headers={"Retry-After": "5"})
@@ -216,7 +267,7 @@ class EnginePool:
         self._update_loaded()
 
     def _update_loaded(self) -> None:
-        metrics.NPCS_LOADED.set(sum(1 for s in self.all_slots() if s.npc_id))
+        metrics.NPCS_LOADED.set(len({n for s in self.all_slots() for n in ([s.npc_id] if s.npc_id else s.npcs)}))
 
     async def _new_slot(self, w: NpcWeights, hold: bool = True) -> Slot:
         """Start one more engine for this shape, with this NPC's weights; concurrent callers share it."""
@@ -236,7 +287,8 @@ class EnginePool:
                     raise
                 slots = self.slots.setdefault(key, [])
                 slot = Slot(key=key, index=max([s.index for s in slots], default=-1) + 1, engine=engine,
-                            tokenizer=tok, core=core, npc_id=w.npc_id if hold else None, base=w.base_label)
+                            tokenizer=tok, core=core, npc_id=w.npc_id if hold and not w.mask else None,
+                            base=w.base_label, mask=w.mask)
                 slots.append(slot)
                 metrics.ENGINE_LOADS.labels(base=w.base_label).inc()
                 metrics.EVICTIONS.labels(base=w.base_label)  # expose the series at 0
@@ -304,8 +356,11 @@ class EnginePool:
         raise ApiError(503, f"every engine slot for this NPC's shape holds a pinned NPC (keep_alive -1); "
                        "unload one or unpin it", code="slots_pinned", headers={"Retry-After": "5"})
 
-    def prewarm(self, key: tuple, w: NpcWeights) -> None:
+    def prewarm(self, w: NpcWeights) -> None:
         """Start this shape's engines in the background, one at a time, while there is room."""
+        if self.mixed(w):
+            w = self._mask_weights(w)
+        key = w.key
         n = self._prewarmed.get(key, 0)
         if n >= self.settings.engine_slots or key in self._starting:
             return  # counted, not re-checked: an explicit unload is not undone behind the user's back
@@ -402,9 +457,104 @@ class EnginePool:
             self._schedule(slot)
             slot.cond.notify_all()
 
+    # -- mixed batches: one mask engine per base, any number of NPCs --------------
+
+    def mixed(self, w: NpcWeights) -> bool:
+        return self.settings.mixed_batches and w.compact and not w.mask
+
+    def _mask_weights(self, w: NpcWeights) -> NpcWeights:
+        cfg = _base_config(w.base_dir)
+        key = (w.key[0], cfg.get("intermediate_size"), cfg.get("num_hidden_layers"), "mixed")
+        return NpcWeights(npc_id=w.npc_id, ckpt=Path(w.base_dir), key=key, base_label=w.base_label, mask=True)
+
+    async def _route_masked(self, bw: NpcWeights) -> Slot:
+        self._drop_dead(bw.key)
+        slots = self.slots.get(bw.key, [])
+        if not slots:
+            return await self._new_slot(bw, hold=False)
+        self._grow(bw)
+        # the least loaded engine; on a tie, one that already holds this NPC's mask
+        return min(slots, key=lambda s: (s.inflight, bw.npc_id not in s.npcs, s.index))
+
+    def _lora_id(self, npc_id: str) -> int:
+        if npc_id not in self._lora_ids:
+            self._lora_ids[npc_id] = len(self._lora_ids) + 1
+        return self._lora_ids[npc_id]
+
+    async def _adapter(self, w: NpcWeights):
+        """The NPC's mask as a vLLM LoRA request (the adapter directory is written once)."""
+        from vllm.lora.request import LoRARequest
+
+        from service.vllm_masks import write_mask_adapter
+
+        k = (w.npc_id, str(w.ckpt))
+        path = self._adapters.get(k)
+        if path is None:
+            cfg = _base_config(w.base_dir)
+            out = self.settings.data / "masks" / f"{w.npc_id}-{hashlib.sha1(str(w.ckpt).encode()).hexdigest()[:10]}"
+            await asyncio.to_thread(write_mask_adapter, out, w.kept, cfg["intermediate_size"],
+                                    cfg["hidden_size"], w.base_dir)
+            path = self._adapters[k] = str(out)
+        return LoRARequest(w.npc_id, self._lora_id(w.npc_id), path)
+
+    async def _drop_adapter(self, slot: Slot, npc_id: str) -> None:
+        slot.npcs.pop(npc_id, None)
+        metrics.EVICTIONS.labels(base=slot.base).inc()
+        self._update_loaded()
+        try:
+            await slot.engine.remove_lora(self._lora_id(npc_id))
+        except Exception:
+            log.warning("removing %s's mask adapter failed", npc_id, exc_info=True)
+
     @asynccontextmanager
-    async def serving(self, w: NpcWeights, keep_alive: float | None = None):
-        """Yield (engine, tokenizer) with this NPC's weights; hold them until exit."""
+    async def _serving_masked(self, w: NpcWeights, keep_alive: float | None = None):
+        self.set_keep_alive(w.npc_id, keep_alive)
+        slot = await self._route_masked(self._mask_weights(w))
+        limit = self.settings.mixed_batch_npcs + self.settings.max_waiting
+        if slot.inflight >= limit:
+            raise ApiError(429, f"{slot.inflight} requests already run or wait on this engine "
+                           f"(NPC_MIXED_BATCH_NPCS + NPC_MAX_WAITING = {limit}); retry shortly",
+                           type="rate_limit_exceeded", headers={"Retry-After": "2"})
+        npc = w.npc_id
+        slot.inflight += 1
+        slot.active[npc] = slot.active.get(npc, 0) + 1
+        try:
+            lora = await self._adapter(w)
+            if npc not in slot.npcs:
+                t0 = time.time()
+                try:
+                    await slot.engine.add_lora(lora)
+                    if self.pinned(npc):
+                        await slot.engine.pin_lora(lora.lora_int_id)
+                except Exception as e:
+                    raise ApiError(503, f"loading NPC '{npc}' into an engine failed: {type(e).__name__}: {e}",
+                                   code="engine_error", headers={"Retry-After": "1"}) from e
+                slot.npcs[npc] = time.time()
+                metrics.LOAD_LATENCY.labels(base=slot.base).observe(time.time() - t0)
+                self._update_loaded()
+            elif self.pinned(npc):
+                await slot.engine.pin_lora(lora.lora_int_id)
+            slot.npcs[npc] = slot.last_used = time.time()
+            yield _MaskedEngine(slot.engine, lora), slot.tokenizer
+        finally:
+            slot.inflight -= 1
+            slot.active[npc] -= 1
+            if not slot.active[npc]:
+                del slot.active[npc]
+            slot.last_used = time.time()
+            if npc in slot.npcs:
+                slot.npcs[npc] = slot.last_used
+                if self.keep_alive_of(npc) == 0 and npc not in slot.active:
+                    await self._drop_adapter(slot, npc)
+
+    def serving(self, w: NpcWeights, keep_alive: float | None = None):
+        """Yield (engine, tokenizer) serving this NPC; hold them until exit."""
+        if self.mixed(w):
+            return self._serving_masked(w, keep_alive)
+        return self._serving_swapped(w, keep_alive)
+
+    @asynccontextmanager
+    async def _serving_swapped(self, w: NpcWeights, keep_alive: float | None = None):
         self.set_keep_alive(w.npc_id, keep_alive)
         slot = await self._route(w)
         me = Waiter(w)
@@ -442,8 +592,19 @@ class EnginePool:
                 slot.cond.notify_all()
 
     async def unload(self, npc_id: str) -> bool:
-        """Stop the engine holding this NPC (frees its memory); False if none holds it."""
+        """Stop the engine holding this NPC (frees its memory), or drop its mask adapter from a
+        shared mask engine; False if nothing holds it."""
         self.keep_alive.pop(npc_id, None)  # an explicit unload ends a pin
+        found = False
+        for slot in self.all_slots():
+            if slot.mask and npc_id in slot.npcs:
+                if slot.active.get(npc_id):
+                    raise ApiError(409, f"NPC '{npc_id}' is serving requests; unload it when idle",
+                                   code="npc_busy", headers={"Retry-After": "2"})
+                await self._drop_adapter(slot, npc_id)
+                found = True
+        if found:
+            return True
         for slot in self.all_slots():
             if slot.npc_id == npc_id:
                 async with slot.cond:
@@ -459,9 +620,25 @@ class EnginePool:
         out = []
         for s in self.all_slots():
             ka = self.keep_alive_of(s.npc_id)
+            if s.mask:
+                now = time.time()
+                npcs = []
+                for n, last in sorted(s.npcs.items()):
+                    kn = self.keep_alive_of(n)
+                    npcs.append({"npc": n, "in_flight": s.active.get(n, 0), "last_used": last, "keep_alive": kn,
+                                 "pinned": kn < 0,
+                                 "expires_at": None if kn < 0 or s.active.get(n) else max(now, last + kn)})
+                out.append({
+                    "shape": {"base_sha256": s.key[0][:12], "intermediate_size": s.key[1]}, "slot": s.index,
+                    "mode": "mixed", "core": s.core, "npc": None, "npcs": npcs, "in_flight": s.inflight,
+                    "waiting": max(0, s.inflight - self.settings.mixed_batch_npcs), "waiting_npcs": [],
+                    "swapping_to": None, "swaps": 0, "last_swap": None, "last_used": s.last_used,
+                    "keep_alive": None, "pinned": self.slot_pinned(s), "expires_at": None,
+                })
+                continue
             out.append({
                 "shape": {"base_sha256": s.key[0][:12], "intermediate_size": s.key[1]}, "slot": s.index,
-                "core": s.core, "npc": s.npc_id, "in_flight": s.inflight, "waiting": s.waiting,
+                "mode": "swap", "core": s.core, "npc": s.npc_id, "in_flight": s.inflight, "waiting": s.waiting,
                 "waiting_npcs": sorted({q.w.npc_id for q in s.queue if not q.admitted}),
                 "swapping_to": s.swapping, "swaps": s.swaps, "last_swap": s.last_swap, "last_used": s.last_used,
                 "keep_alive": ka if s.npc_id else None, "pinned": self.pinned(s.npc_id),

@@ -189,7 +189,7 @@ class ChatServing:
             _, _, _, _, w = await self.resolve(rec["id"])
         except ApiError:
             return
-        self.pool.prewarm(w.key, w)
+        self.pool.prewarm(w)
 
     # -- response helpers -----------------------------------------------------
 

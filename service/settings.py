@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
     engine_slots: int = Field(2, ge=1, description="engines per NPC shape, each holding one NPC at a time (2 measured best on 2 cores)")
     cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")
+    mixed_batches: bool = Field(True, description="serve compact NPCs of one base from one engine, "
+                                "their requests batched together (dense FFN + per-token channel masks)")
+    mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
+    mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
     keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
     max_npc_labels: int = Field(500, ge=1, description="NPCs with their own metric labels; the rest: _other")

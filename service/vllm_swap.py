@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from service import vllm_masks  # noqa: F401  registers the masked down_proj in this worker
+
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _FFN_ROWS = (".mlp.gate_proj.weight", ".mlp.up_proj.weight")
 _FFN_COLS = ".mlp.down_proj.weight"
