@@ -74,7 +74,10 @@ class Server:
                "NPC_DEFAULT_METHOD": "activation", "NPC_EVALUATE": "0",
                # one engine per shape keeps the shared server's engine count (and CI time) fixed;
                # tests/test_slots.py covers several slots
-               "NPC_ENGINE_SLOTS": "1", **self.extra_env}
+               "NPC_ENGINE_SLOTS": "1",
+               # the swap engine is what most engine tests are about; tests/test_mixed.py covers the
+               # product default, mixed batches (NPC_MIXED_BATCHES=1)
+               "NPC_MIXED_BATCHES": "0", **self.extra_env}
         env.pop("REDIS_URL", None)
         env.update(self.extra_env)
         self.data_dir.mkdir(parents=True, exist_ok=True)

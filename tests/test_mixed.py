@@ -1,0 +1,117 @@
+"""Mixed batches (the default): compact NPCs of one base served together by one mask engine."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+
+from conftest import PERSONA_A, PERSONA_B, Server
+from test_engines import LONG, _checkpoint, _fresh_engine_output
+
+pytestmark = pytest.mark.slow
+
+PERSONA_C = ("A nervous young wizard's apprentice named Pip who keeps mixing up spells, "
+             "worries about exams, and talks fast about potions and owls.")
+Q = "\nNow tell me: what would you do first in this town?"
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, models_dir):
+    srv = Server(tmp_path_factory.mktemp("npc-mixed"), models_dir,
+                 extra_env={"NPC_MIXED_BATCHES": "1", "NPC_ENGINE_SLOTS": "1"}).start()
+    ids = {
+        "a": srv.create_npc("Rook", PERSONA_A, sparsity=0.25)["id"],
+        "b": srv.create_npc("Bea", PERSONA_B, sparsity=0.5, method="activation-persona")["id"],
+        "c": srv.create_npc("Pip", PERSONA_C, sparsity=0.25, method="activation-persona")["id"],
+    }
+    for i in ids.values():
+        srv.wait_ready(i)
+    yield srv, ids
+    srv.stop()
+
+
+def _chat(srv, npc: str, content: str, **kw) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+        "model": npc, "temperature": 0, "max_tokens": 24, "messages": [{"role": "user", "content": content}], **kw})
+
+
+def _engines(srv) -> list[dict]:
+    return httpx.get(srv.url + "/v1/engines").json()["data"]
+
+
+def _first_token_logprobs(resp: httpx.Response) -> dict[str, float]:
+    first = resp.json()["choices"][0]["logprobs"]["content"][0]
+    return {t["token"]: t["logprob"] for t in first["top_logprobs"]}
+
+
+def _gap(a: dict[str, float], b: dict[str, float]) -> float:
+    """Largest logprob difference over the tokens both top lists hold (inf: different top tokens)."""
+    common = set(a) & set(b)
+    if max(a, key=a.get) != max(b, key=b.get) or len(common) < 3:
+        return float("inf")
+    return max(abs(a[t] - b[t]) for t in common)
+
+
+def test_npcs_of_any_sparsity_share_one_engine_and_one_batch(mixed):
+    srv, ids = mixed
+    q = "Who are you, and what do you do all day?"
+    kw = {"logprobs": True, "top_logprobs": 5, "max_tokens": 4}
+    solo = {k: _first_token_logprobs(_chat(srv, v, q, **kw)) for k, v in ids.items()}
+    keys = list(ids) * 3
+
+    with cf.ThreadPoolExecutor(len(keys)) as ex:
+        together = list(ex.map(lambda k: _chat(srv, ids[k], q, **kw), keys))
+    assert [r.status_code for r in together] == [200] * len(keys)
+    # each request got its own NPC's channels inside a shared batch: no mask leaks between NPCs.
+    # Greedy text is not batch-invariant (GEMM shapes change with the batch), so compare the
+    # first token's top logprobs: equal to the NPC's own within 0.1 nats ...
+    for k, r in zip(keys, together):
+        assert _gap(_first_token_logprobs(r), solo[k]) < 0.1, (k, _first_token_logprobs(r), solo[k])
+    # ... while two different NPCs are further apart than that
+    assert _gap(solo["a"], solo["c"]) > 0.1 and _gap(solo["a"], solo["b"]) > 0.1
+    engines = _engines(srv)
+    assert len(engines) == 1 and engines[0]["mode"] == "mixed"  # 0.25 and 0.5 NPCs, one engine
+    assert {n["npc"] for n in engines[0]["npcs"]} == set(ids.values())
+    metrics = httpx.get(srv.url + "/metrics").text
+    swaps = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("npc_weight_swaps_total")]
+    assert sum(swaps) == 0  # nothing was swapped
+    loaded = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("npc_npcs_loaded ")]
+    assert loaded == [3.0]
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_mixed_output_equals_a_fresh_engine_of_the_checkpoint(mixed, which):
+    srv, ids = mixed
+    got = _chat(srv, ids[which], LONG + Q).json()["choices"][0]["message"]["content"]
+    rec = httpx.get(f"{srv.url}/v1/npcs/{ids[which]}").json()
+    rec["checkpoint"] = _checkpoint(srv, {"id": ids[which]})
+    assert got == _fresh_engine_output(rec, Q)
+
+
+def test_residency_pin_keep_alive_and_unload(mixed):
+    srv, ids = mixed
+    r = httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/load", json={"keep_alive": -1}, timeout=300)
+    assert r.status_code == 200 and r.json()["keep_alive"] == -1
+    npcs = {n["npc"]: n for n in _engines(srv)[0]["npcs"]}
+    assert npcs[ids["a"]]["pinned"] is True and npcs[ids["a"]]["expires_at"] is None
+    assert _engines(srv)[0]["pinned"] is True
+
+    # keep_alive 0: the NPC's mask leaves the engine right after its request
+    assert _chat(srv, ids["b"], "Hello!", keep_alive=0).status_code == 200
+    assert ids["b"] not in {n["npc"] for n in _engines(srv)[0]["npcs"]}
+
+    # a short keep_alive: released by the reaper once idle
+    assert _chat(srv, ids["c"], "Hello!", keep_alive=1).status_code == 200
+    deadline = time.time() + 30
+    while ids["c"] in {n["npc"] for n in _engines(srv)[0]["npcs"]}:
+        assert time.time() < deadline, _engines(srv)
+        time.sleep(0.5)
+
+    r = httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/unload", timeout=60)
+    assert r.status_code == 200 and r.json()["unloaded"] is True
+    assert _engines(srv)[0]["npcs"] == [] and _engines(srv)[0]["pinned"] is False
+    # and it serves again, the same answer, after the unload
+    assert _chat(srv, ids["a"], "Hello!").status_code == 200
