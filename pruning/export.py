@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -219,8 +220,10 @@ class CorruptCheckpoint(PruneError):
     pass
 
 
-def verify_checkpoint(ckpt_dir: Path) -> dict:
-    """Check every file against the manifest's sha256; returns the manifest."""
+def verify_checkpoint(ckpt_dir: Path, skip: Callable[[dict], tuple[str, ...]] = lambda m: ()) -> dict:
+    """Check every file against the manifest's sha256; returns the manifest.
+
+    `skip(manifest)` names file suffixes not to read (weights that will come from elsewhere)."""
     ckpt_dir = Path(ckpt_dir)
     try:
         manifest = json.loads((ckpt_dir / MANIFEST).read_text())
@@ -231,7 +234,10 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
     files = manifest.get("files")
     if not files:
         raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: manifest lists no file digests")
+    unread = skip(manifest)
     for name, digest in files.items():
+        if unread and name.endswith(unread):
+            continue
         f = ckpt_dir / name
         if not f.is_file():
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: file {name} is missing")

@@ -29,6 +29,15 @@ class NpcCreate(BaseModel):
     evaluate: bool | None = Field(None, description="score the NPC against the dense base when it is ready "
                                   "(default: NPC_EVALUATE)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    keep_alive: float | str | None = Field(
+        None, description="residency once ready, kept across restarts: seconds or '5m' idle before the NPC "
+                          "leaves its engine, -1 or 'pin' (loaded when ready and never evicted), 0 (released "
+                          "after each request); default NPC_KEEP_ALIVE")
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v):
+        return parse_keep_alive(v)
 
     @field_validator("persona")
     @classmethod
@@ -86,6 +95,7 @@ class Npc(BaseModel):
     metrics: dict[str, Any] | None = Field(None, description="evaluation against the dense base, once known")
     greeting: str | None = None
     persona_truncated: bool = False
+    keep_alive: float | None = Field(None, description="the NPC's residency (seconds; -1 pinned); null: the default")
 
 
 class NpcList(BaseModel):

@@ -30,22 +30,34 @@ def _stat_key(ckpt: str) -> tuple:
     return (ckpt, tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in d.iterdir())))
 
 
-@lru_cache(maxsize=256)
-def _verified(stat_key: tuple) -> tuple[dict, dict, tuple | None]:
-    """Hash-check a checkpoint once per on-disk state (names, sizes, mtimes)."""
+def _has_compact_form(manifest: dict) -> bool:
+    """The compact form rebuilds the weights only when nothing but the channel choice changed."""
+    return bool(manifest.get("kept_indices")) and manifest.get("compact", True) is not False \
+        and not manifest.get("dropped_layers")
+
+
+@lru_cache(maxsize=1024)
+def _verified(stat_key: tuple, mixed: bool = False) -> tuple[dict, dict, tuple | None]:
+    """Hash-check a checkpoint once per on-disk state (names, sizes, mtimes).
+
+    A mixed engine builds a compact NPC from the base and its kept indices, so that NPC's own
+    weight files are never read: they are not hashed either (~0.4 s per 220 MB)."""
     ckpt = Path(stat_key[0])
-    manifest = verify_checkpoint(ckpt)
+
+    def skip(m: dict) -> tuple[str, ...]:
+        return (".safetensors",) if mixed and _has_compact_form(m) and _base_for(m) else ()
+
+    manifest = verify_checkpoint(ckpt, skip)
     kept = manifest.pop("kept_indices", None)
-    # the compact form rebuilds the weights only when nothing but the channel choice changed
     compact = None
-    if kept and manifest.get("compact", True) is not False and not manifest.get("dropped_layers"):
+    if _has_compact_form({**manifest, "kept_indices": kept}):
         compact = tuple(array("i", k) for k in kept)
     config = json.loads((ckpt / "config.json").read_text())
     return manifest, config, compact
 
 
-def _npc_files(ckpt: str) -> tuple[dict, dict, tuple | None]:
-    return _verified(_stat_key(ckpt))
+def _npc_files(ckpt: str, mixed: bool = False) -> tuple[dict, dict, tuple | None]:
+    return _verified(_stat_key(ckpt), mixed)
 
 
 @lru_cache(maxsize=16)
@@ -70,8 +82,19 @@ def npc_weights(npc_id: str, ckpt: Path, manifest: dict, config: dict, compact) 
                       kept=[list(k) for k in compact] if base else None)
 
 
-@lru_cache(maxsize=8)
-def _tokenizer(ckpt: str, base_sha: str):
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")
+
+
+def _tokenizer(ckpt: str, manifest: dict):
+    """NPCs of one base share a tokenizer: cached by the digests of its files, not per NPC (loading
+    one takes ~0.3 s, and hundreds of NPCs would thrash a per-path cache)."""
+    files = manifest.get("files") or {}
+    key = tuple(sorted((n, d) for n, d in files.items() if n.startswith(_TOKENIZER_FILES))) or (ckpt,)
+    return _load_tokenizer(key, ckpt)
+
+
+@lru_cache(maxsize=16)
+def _load_tokenizer(key: tuple, ckpt: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ckpt)
@@ -92,18 +115,21 @@ class Prepared:
 class ChatServing:
     def __init__(self, store: NpcStore, pool: EnginePool, settings, ckpts=None):
         self.store, self.pool, self.settings, self.ckpts = store, pool, settings, ckpts
+        self._pins_loaded: set[str] = set()
 
     async def resolve(self, model: str, who=None, rec: dict | None = None) -> tuple[dict, Path, dict, dict, NpcWeights]:
         rec = rec if rec is not None else await self.store.get(model)
         if rec is None or (who is not None and not who.owns(rec)):
             raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
                            param="model", code="model_not_found")
+        if rec.get("keep_alive") is not None:  # the NPC's own residency, also after a restart
+            self.pool.keep_alive.setdefault(rec["id"], rec["keep_alive"])
         if rec["status"] != "ready":
             raise ApiError(409, f"NPC '{model}' is not ready (status: {rec['status']}); "
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
         try:
             ckpt = await asyncio.to_thread(self.ckpts.fetch, rec["checkpoint"])
-            manifest, config, compact = await asyncio.to_thread(_npc_files, str(ckpt))
+            manifest, config, compact = await asyncio.to_thread(_npc_files, str(ckpt), self.settings.mixed_batches)
             w = await asyncio.to_thread(npc_weights, model, ckpt, manifest, config, compact)
         except (CorruptCheckpoint, OSError, ValueError) as e:
             reason = str(e)
@@ -163,21 +189,28 @@ class ChatServing:
             rec = None
         try:
             rec, ckpt, manifest, config, w = await self.resolve(req.model, who, rec)
-            tok = _tokenizer(str(ckpt), manifest.get("base_sha256", ""))
+            tok = _tokenizer(str(ckpt), manifest)
             prompts = self.build_prompts(rec, req, tok)
             params = self.sampling_params(req, max(len(p) for p in prompts), req.stream)
         except ApiError:
             if rec is not None:  # unknown ids get no label: they would be unbounded
                 metrics.REQUESTS.labels(npc=metrics.npc_label(req.model), status="rejected").inc()
             raise
+        await self._remember_keep_alive(rec, req.keep_alive)
         return Prepared(rec, manifest, w, tok, prompts, params, req.keep_alive)
+
+    async def _remember_keep_alive(self, rec: dict, keep_alive: float | None) -> None:
+        """The latest keep_alive given for an NPC is its residency until another is given, across restarts."""
+        if keep_alive is not None and rec.get("keep_alive") != keep_alive:
+            await self.store.update(rec["id"], keep_alive=keep_alive)
 
     def build_prompts(self, rec: dict, req, tok) -> list[list[int]]:
         return [self.build_prompt(rec, req, tok)]
 
     async def load(self, npc_id: str, who=None, keep_alive: float | None = None) -> dict:
         """Put this NPC's weights into an engine now, so its next chat does not wait for it."""
-        _, _, _, _, w = await self.resolve(npc_id, who)
+        rec, _, _, _, w = await self.resolve(npc_id, who)
+        await self._remember_keep_alive(rec, keep_alive)
         t0 = time.time()
         async with self.pool.serving(w, keep_alive):
             pass
@@ -190,6 +223,11 @@ class ChatServing:
         except ApiError:
             return
         self.pool.prewarm(w)
+        if rec.get("keep_alive") == -1 and rec["id"] not in self._pins_loaded:
+            # a pinned NPC is loaded as soon as it is ready (and again after a restart)
+            self._pins_loaded.add(rec["id"])
+            task = asyncio.ensure_future(self.load(rec["id"]))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # -- response helpers -----------------------------------------------------
 

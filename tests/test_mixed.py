@@ -21,7 +21,8 @@ Q = "\nNow tell me: what would you do first in this town?"
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, models_dir):
     srv = Server(tmp_path_factory.mktemp("npc-mixed"), models_dir,
-                 extra_env={"NPC_MIXED_BATCHES": "1", "NPC_ENGINE_SLOTS": "1"}).start()
+                 extra_env={"NPC_MIXED_BATCHES": "1", "NPC_ENGINE_SLOTS": "1",
+                                "NPC_MIXED_BATCH_NPCS": "4", "NPC_MAX_WAITING": "8"}).start()
     ids = {
         "a": srv.create_npc("Rook", PERSONA_A, sparsity=0.25)["id"],
         "b": srv.create_npc("Bea", PERSONA_B, sparsity=0.5, method="activation-persona")["id"],
@@ -115,3 +116,53 @@ def test_residency_pin_keep_alive_and_unload(mixed):
     assert _engines(srv)[0]["npcs"] == [] and _engines(srv)[0]["pinned"] is False
     # and it serves again, the same answer, after the unload
     assert _chat(srv, ids["a"], "Hello!").status_code == 200
+
+
+def test_a_flood_gets_429_with_retry_after_never_a_hang(mixed):
+    srv, ids = mixed
+    keys = list(ids) * 10  # 30 at once; the engine takes NPC_MIXED_BATCH_NPCS + NPC_MAX_WAITING = 12
+
+    with cf.ThreadPoolExecutor(len(keys)) as ex:
+        rs = list(ex.map(lambda k: _chat(srv, ids[k], "Tell me a long story about your life.", max_tokens=48), keys))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 4, codes
+    limited = [r for r in rs if r.status_code == 429]
+    assert limited and all(r.headers.get("retry-after") for r in limited)
+    assert "NPC_MAX_WAITING" in limited[0].json()["error"]["message"]
+    assert _chat(srv, ids["a"], "Hello!").status_code == 200  # and it serves on afterwards
+
+
+def test_keep_alive_given_at_creation_pins_and_survives_a_restart(mixed):
+    srv, ids = mixed
+    rec = srv.create_npc("Dora", "A stern lighthouse keeper named Dora who counts ships and distrusts gulls.",
+                         sparsity=0.25, keep_alive="pin")
+    assert rec["keep_alive"] == -1
+    srv.wait_ready(rec["id"])
+
+    def pinned_in_engine() -> bool:
+        return any(n["npc"] == rec["id"] and n["pinned"] for e in _engines(srv) for n in e.get("npcs", []))
+
+    def wait(cond, what: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not cond():
+            assert time.time() < deadline, f"{what}: {_engines(srv)}"
+            time.sleep(0.5)
+
+    wait(pinned_in_engine, "a pinned NPC is loaded once ready, without a chat")
+    # the latest keep_alive given is remembered on the record
+    assert _chat(srv, ids["a"], "Hi", keep_alive="2m").status_code == 200
+    assert httpx.get(f"{srv.url}/v1/npcs/{ids['a']}").json()["keep_alive"] == 120
+
+    srv.stop()
+    srv.start()
+    wait(pinned_in_engine, "after a restart the pin is back")
+    assert httpx.get(f"{srv.url}/v1/npcs/{rec['id']}").json()["keep_alive"] == -1
+    # an explicit unload ends the pin for good
+    assert httpx.post(f"{srv.url}/v1/npcs/{rec['id']}/unload", timeout=60).json()["unloaded"] is True
+    assert httpx.get(f"{srv.url}/v1/npcs/{rec['id']}").json()["keep_alive"] is None
+
+
+def test_bad_keep_alive_at_creation_is_a_400(mixed):
+    srv, _ = mixed
+    r = httpx.post(srv.url + "/v1/npcs", json={"name": "X", "persona": "a cat", "keep_alive": "soon"}, timeout=30)
+    assert r.status_code == 400 and "keep_alive" in r.text

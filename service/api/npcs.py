@@ -139,7 +139,8 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
                            param="Idempotency-Key", headers={"Retry-After": "1"})
 
     rec = await store.create({"id": npc_id, **fields, "sparsity": req.sparsity, "method": method,
-                              "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant})
+                              "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant,
+                              "keep_alive": req.keep_alive})
     await queue.enqueue_job("prune_npc", npc_id, _job_id=f"prune:{npc_id}", _queue_name=QUEUE)
     return public(rec)
 
@@ -190,8 +191,11 @@ async def load_npc(npc_id: str, body: NpcLoad | None = None, who=Depends(deps.re
 async def unload_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(deps.store),
                      engines=Depends(deps.engines)) -> dict:
     """Stop the engine that holds this NPC, freeing its memory."""
-    await owned(store, npc_id, who)
-    return {"id": npc_id, "object": "npc.unload", "unloaded": await engines.unload(npc_id)}
+    rec = await owned(store, npc_id, who)
+    unloaded = await engines.unload(npc_id)
+    if rec.get("keep_alive") is not None:  # an explicit unload ends a pin, also across restarts
+        await store.update(npc_id, keep_alive=None)
+    return {"id": npc_id, "object": "npc.unload", "unloaded": unloaded}
 
 
 @router.delete("/{npc_id}")
