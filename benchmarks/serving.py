@@ -245,6 +245,8 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
         res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])
         for n_npcs, pattern in [(1, "round-robin"), (8, "round-robin"), (8, "zipf"), (32, "round-robin"),
                                 (32, "zipf")]:
+            if args.warmup:  # steady state: every NPC has been talked to once (loaded, persona prefix cached)
+                asyncio.run(client_load(srv.url, ids[:n_npcs], "round-robin", n_npcs, args.concurrency, 4))
             r = asyncio.run(client_load(srv.url, ids[:n_npcs], pattern, args.requests, args.concurrency,
                                         args.max_tokens))
             r["slots"] = config
@@ -320,7 +322,8 @@ def report(decode: dict, cold: dict, serve: list[dict], args, elapsed: float) ->
               *[f"  - {res['slots']}: p50 {statistics.median(res['cold_ttft']):.2f} s" for res in serve],
               f"- fresh engine for that NPC (start + first token): **{cold['fresh_s']:.1f} s**", "",
               f"### (c) Many NPCs, {args.concurrency} concurrent streaming chat clients, {args.requests} requests each, "
-              f"max_tokens {args.max_tokens}", "",
+              f"max_tokens {args.max_tokens}" + (", after one unmeasured request to every NPC (steady state)"
+                                                 if args.warmup else ", first contacts included"), "",
               "`mixed-N`: N mask engines serving every NPC in the same batches (the default, "
               "`NPC_MIXED_BATCHES=1`); a plain number: that many swap engines (`NPC_MIXED_BATCHES=0`). "
               "*vs 1 NPC*: against one NPC in the same configuration; *vs best 1 NPC*: against the fastest "
@@ -358,6 +361,8 @@ def main() -> None:
                     help='engine configs to compare: a swap-engine slot count ("2-nobind": without per-core '
                          'binding) or "mixed-N" (N mask engines, NPCs batched together)')
     ap.add_argument("--cold", type=int, default=8)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="(c) without a first unmeasured request to every NPC: first contacts included")
     ap.add_argument("--rounds", type=int, default=5, help="decode rounds per engine in (a)")
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")

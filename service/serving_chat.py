@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from array import array
+from collections import OrderedDict
 import json
 import secrets
 import time
@@ -83,21 +84,23 @@ def npc_weights(npc_id: str, ckpt: Path, manifest: dict, config: dict, compact) 
 
 
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")
+_TOKENIZERS: OrderedDict = OrderedDict()
 
 
 def _tokenizer(ckpt: str, manifest: dict):
     """NPCs of one base share a tokenizer: cached by the digests of its files, not per NPC (loading
     one takes ~0.3 s, and hundreds of NPCs would thrash a per-path cache)."""
-    files = manifest.get("files") or {}
-    key = tuple(sorted((n, d) for n, d in files.items() if n.startswith(_TOKENIZER_FILES))) or (ckpt,)
-    return _load_tokenizer(key, ckpt)
-
-
-@lru_cache(maxsize=16)
-def _load_tokenizer(key: tuple, ckpt: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ckpt)
+    files = manifest.get("files") or {}
+    key = tuple(sorted((n, d) for n, d in files.items() if n.startswith(_TOKENIZER_FILES))) or (ckpt,)
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        tok = _TOKENIZERS[key] = AutoTokenizer.from_pretrained(ckpt)
+        while len(_TOKENIZERS) > 16:
+            _TOKENIZERS.popitem(last=False)
+    _TOKENIZERS.move_to_end(key)
+    return tok
 
 
 @dataclass
