@@ -105,6 +105,7 @@ class Slot:
     mask: bool = False  # a mask engine: many NPCs at once, by adapter
     npcs: dict[str, float] = field(default_factory=dict)  # mask engine: loaded NPC -> last use
     active: dict[str, int] = field(default_factory=dict)  # mask engine: NPC -> requests in flight
+    pinned_masks: set[str] = field(default_factory=set)  # mask engine: NPCs pinned in vLLM's LoRA cache
 
     @property
     def waiting(self) -> int:
@@ -499,6 +500,7 @@ class EnginePool:
 
     async def _drop_adapter(self, slot: Slot, npc_id: str) -> None:
         slot.npcs.pop(npc_id, None)
+        slot.pinned_masks.discard(npc_id)
         metrics.EVICTIONS.labels(base=slot.base).inc()
         self._update_loaded()
         try:
@@ -524,16 +526,15 @@ class EnginePool:
                 t0 = time.time()
                 try:
                     await slot.engine.add_lora(lora)
-                    if self.pinned(npc):
-                        await slot.engine.pin_lora(lora.lora_int_id)
                 except Exception as e:
                     raise ApiError(503, f"loading NPC '{npc}' into an engine failed: {type(e).__name__}: {e}",
                                    code="engine_error", headers={"Retry-After": "1"}) from e
                 slot.npcs[npc] = time.time()
                 metrics.LOAD_LATENCY.labels(base=slot.base).observe(time.time() - t0)
                 self._update_loaded()
-            elif self.pinned(npc):
+            if self.pinned(npc) and npc not in slot.pinned_masks:  # one RPC per pin, not per request
                 await slot.engine.pin_lora(lora.lora_int_id)
+                slot.pinned_masks.add(npc)
             slot.npcs[npc] = slot.last_used = time.time()
             yield _MaskedEngine(slot.engine, lora), slot.tokenizer
         finally:
