@@ -49,10 +49,8 @@ def _verified(stat_key: tuple, mixed: bool = False) -> tuple[dict, dict, tuple |
         return (".safetensors",) if mixed and _has_compact_form(m) and _base_for(m) else ()
 
     manifest = verify_checkpoint(ckpt, skip)
-    kept = manifest.pop("kept_indices", None)
-    compact = None
-    if _has_compact_form({**manifest, "kept_indices": kept}):
-        compact = tuple(array("i", k) for k in kept)
+    compact = tuple(array("i", k) for k in manifest["kept_indices"]) if _has_compact_form(manifest) else None
+    manifest.pop("kept_indices", None)
     config = json.loads((ckpt / "config.json").read_text())
     return manifest, config, compact
 
