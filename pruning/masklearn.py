@@ -143,7 +143,7 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
     def hook(_m, args, i):
         a = args[0].detach()
         if state["mask"] is not None:  # only real (non-pad) tokens
-            a = a[state["mask"]]
+            a = a[state["mask"].to(a.device)]
         a = a.reshape(-1, a.shape[-1]).double()
         sq[i] += (a * a).sum(0).cpu()
 
