@@ -49,7 +49,8 @@ def load_instructions(path: str | Path | None = None) -> list[str]:
             out.append(r)
         elif isinstance(r, dict) and r.get("instruction"):
             extra = (r.get("input") or "").strip()
-            out.append(r["instruction"] + (f"\n\n{extra}" if extra else ""))
+            # the Alpaca prompt's own layout, which users' Alpaca-style questions also arrive in
+            out.append(r["instruction"] + (f"\n\n### Input:\n{extra}" if extra else ""))
     if not out:
         raise PruneError(f"instruction pool {path or 'shipped'} holds no instructions")
     return out

@@ -397,7 +397,7 @@ PROFILES: dict[str, dict] = {
     "fast": dict(n_instructions=8, pool_size=48, n_references=2, max_new_tokens=24,
                  learn=dict(steps=6, batch_size=4, lr=0.05)),
     # the service default: a few minutes on 2 CPU cores
-    "default": dict(n_instructions=32, pool_size=256, n_references=8, max_new_tokens=64,
+    "default": dict(n_instructions=64, pool_size=512, n_references=8, max_new_tokens=64,
                     learn=dict(steps=16, batch_size=8, lr=0.05)),
     "thorough": dict(n_instructions=128, pool_size=None, n_references=None, max_new_tokens=128,
                      learn=dict(steps=240, batch_size=8, lr=0.03)),

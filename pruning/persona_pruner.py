@@ -42,7 +42,7 @@ LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
-    "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every",
+    "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every", "relative",
     *LEARN_KEYS,
 }
 
@@ -124,6 +124,8 @@ def resolve_options(ctx: PruneContext) -> dict:
     out = {"profile": opts.get("profile") or DEFAULT_PROFILE, "band": None, "teacher_url": None,
            "teacher_model": None, "teacher_temperature": 0.0, "gen_batch_size": 16, "sens_batch_size": 64,
            "pool_path": None, "references_path": None, "pool_calibration": True, "center": True, "n_anchor": 0,
+           # the persona's own topics, not the questions every persona moves (docs/quality_experiments.md)
+           "relative": True,
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "hf",
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
@@ -150,6 +152,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
+                      **({"relative": True} if opts["relative"] else {}),
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       teacher_backend=opts["teacher_backend"],
@@ -165,7 +168,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     picked = [] if opts["n_instructions"] <= 0 else select_instructions(
         model, tok, system, opts["n_instructions"], pool=pool, pool_size=opts["pool_size"], references=refs,
         n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
-        batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id,
+        batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id, relative=bool(opts["relative"]),
         progress=lambda f: progress(0.3 * f))
     t1 = time.time()
     ctx.stage("rewriting")

@@ -118,19 +118,21 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
 
     ``mu`` (H,): the mean band state over references and instructions;
     ``raw`` (N, H): per instruction, the mean over references of unit(h_ref);
-    ``centred`` (N, H): the same of unit(h_ref - mu).
+    ``centred`` (N, H): the same of unit(h_ref - mu);
+    ``ref_div`` (R, N) / ``ref_div_raw``: each reference's own (centred / raw) divergence from the
+    others, the yardstick for how much a persona *usually* moves an instruction.
     """
     band = band or default_band(len(_layers(model)))
     path = None
     if cache_dir is not None and base_id:
-        key = _digest({"v": 2, "base": base_id, "band": list(band), "refs": references,
+        key = _digest({"v": 3, "base": base_id, "band": list(band), "refs": references,
                        "dtype": str(next(model.parameters()).dtype),
                        "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
         path = Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"
         if path.is_file():
             try:
                 t = torch.load(path, map_location="cpu")
-                if t["raw"].shape[0] == len(instructions):
+                if t["raw"].shape[0] == len(instructions) and "ref_div" in t:
                     progress(1.0)
                     return t
             except Exception:
@@ -141,7 +143,13 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
                                   progress=lambda f, r=r: progress((r + f) / len(references))))
     H = torch.stack(states)  # (R, N, H)
     mu = H.mean((0, 1))
-    out = {"mu": mu, "raw": _unit(H).mean(0), "centred": _unit(H - mu).mean(0)}
+    out = {"mu": mu}
+    for name, U in (("raw", _unit(H)), ("centred", _unit(H - mu))):
+        mean = U.mean(0)
+        R = U.shape[0]
+        others = (R * mean - U) / max(R - 1, 1)  # leave-one-out mean of the other references
+        out[name] = mean
+        out["ref_div" if name == "centred" else "ref_div_raw"] = 1.0 - (U * others).sum(-1)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,9 +163,14 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
 
 def persona_divergence(model, tok, persona: str, instructions: list[str], references: list[str], *,
                        band=None, batch_size: int = 64, center: bool = True, cache_dir: Path | None = None,
-                       base_id: str | None = None,
+                       base_id: str | None = None, relative: bool = False,
                        progress: Callable[[float], None] = lambda f: None) -> torch.Tensor:
     """(N,) divergence = 1 - mean_ref cos(h_target, h_ref) per instruction.
+
+    With ``relative`` the divergence is given as a z-score against the references' own
+    divergences on the same instruction: high where *this* persona moves the instruction more
+    than personas usually do (its topics), not where every persona does (open, personal
+    questions, which the plain divergence favours for every target alike).
 
     With ``center`` (default) both states are taken relative to the mean reference state:
     raw middle-layer states share a few huge coordinates, so raw cosines are all ~0.99 and
@@ -169,15 +182,19 @@ def persona_divergence(model, tok, persona: str, instructions: list[str], refere
     h = band_states(model, tok, persona, instructions, band=band, batch_size=batch_size,
                     progress=lambda f: progress(0.8 + 0.2 * f))
     if center:
-        return 1.0 - (_unit(h - st["mu"]) * st["centred"]).sum(-1)
-    return 1.0 - (_unit(h) * st["raw"]).sum(-1)
+        div, ref = 1.0 - (_unit(h - st["mu"]) * st["centred"]).sum(-1), st["ref_div"]
+    else:
+        div, ref = 1.0 - (_unit(h) * st["raw"]).sum(-1), st["ref_div_raw"]
+    if not relative or ref.shape[0] < 2:
+        return div
+    return (div - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
 
 
 def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | None = None,
                         pool_size: int | None = None, references: list[str] | None = None,
                         n_references: int | None = None, band=None, seed: int = 0, batch_size: int = 64,
                         center: bool = True, cache_dir: Path | None = None, base_id: str | None = None,
-                        progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, float]]:
+                        relative: bool = False, progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, float]]:
     """The top-`n` persona-sensitive instructions of the pool, (instruction, divergence), best first.
 
     `pool_size` subsamples the pool (seeded) and `n_references` the reference personas, for speed.
@@ -190,6 +207,6 @@ def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | N
     if n_references and n_references < len(refs):
         refs = random.Random(seed + 1).sample(refs, n_references)
     div = persona_divergence(model, tok, persona, pool, refs, band=band, batch_size=batch_size, center=center,
-                             cache_dir=cache_dir, base_id=base_id, progress=progress)
+                             cache_dir=cache_dir, base_id=base_id, relative=relative, progress=progress)
     order = sorted(range(len(pool)), key=lambda i: (-float(div[i]), i))
     return [(pool[i], float(div[i])) for i in order[:n]]

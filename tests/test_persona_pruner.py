@@ -104,6 +104,16 @@ def test_divergence_ranks_persona_revealing_question_higher(dense):
         assert d[0] > d[1], (center, d)
 
 
+def test_relative_divergence_prefers_the_personas_topics(dense):
+    """Plain divergence favours questions every persona moves; the relative one, the persona's own."""
+    model, tok = dense
+    chef = "You are Luca, a chef who runs a small Italian trattoria and loves fresh pasta, desserts and wine."
+    questions = ["Write a Python function that removes duplicates from a list.",
+                 "What's a good dessert to serve at a dinner party?", "What is 7 times 8?"]
+    d = persona_divergence(model, tok, chef, questions, load_reference_personas(), relative=True)
+    assert d[1] > d[0] and d[1] > d[2], d
+
+
 def test_fast_mask_learning_lowers_training_loss(dense, examples):
     model, tok = dense
     cfg = config_for("fast")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from pruning.methods import METHODS, LayerScores, PruneContext, get_method
 from pruning.model_io import load_model
 from pruning.prune import check_args
 from tests.conftest import PERSONA_A
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["Tell me about your favourite place.", "How do I boil an egg?", "What is the capital of France?"]
 
@@ -36,6 +39,11 @@ def activation_kept(dense):
 def test_shipped_data():
     assert len(calibration_prompts()) >= 32
     assert len(load_instructions()) >= 500
+    rows = [json.loads(x) for x in (ROOT / "pruning/data/generic_instructions.jsonl").read_text().splitlines() if x]
+    assert len({r["kind"] for r in rows}) >= 20
+    assert len({r["instruction"] for r in rows}) == len(rows)
+    with_input = next(r for r in rows if r["input"])  # shown to the model in the Alpaca layout
+    assert f"{with_input['instruction']}\n\n### Input:\n{with_input['input']}" in load_instructions()
     assert len(load_reference_personas()) >= 10
 
 
