@@ -152,7 +152,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
-                      **({"relative": True} if opts["relative"] else {}),
+                      **({"relative": True} if opts["relative"] else {}),  # plain keys stay as they were
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       teacher_backend=opts["teacher_backend"],
