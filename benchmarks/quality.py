@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / ".bench" / "quality"))
     ap.add_argument("--budget-s", type=float, default=0, help="start no new persona after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from quality.csv")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the stored rows of every (persona, sparsity, method) this run does not redo "
+                         "(e.g. rerun persona-pruner after a change against the stored baselines)")
     a = ap.parse_args()
     if a.gen_dense:
         gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
@@ -131,10 +134,21 @@ def main() -> None:
     csv_path = out / "quality.csv"
     fields = ["persona", "method", "sparsity", "persona_kl", "persona_nll", "persona_nll_dense", "general_kl",
               "general_nll", "general_nll_dense", "attribution", "seconds"]
-    with open(csv_path, "w", newline="") as f:
-        csv.DictWriter(f, fieldnames=fields).writeheader()
     rows: list[dict] = []
     prune_times: list[dict] = []
+    if a.merge and csv_path.is_file():
+        redo = {(u, s, m) for u in personas for s in sparsities for m in methods}
+        redo |= {(u, 0.0, "dense") for u in personas}
+        rows = [r for r in _read_rows(csv_path) if (r["persona"], r["sparsity"], r["method"]) not in redo]
+        old_pt = work / "prune_times.json"
+        if "persona-pruner" in methods and old_pt.is_file():
+            prune_times = [p for p in json.loads(old_pt.read_text())
+                           if (p["persona"], p["sparsity"]) not in {(u, s) for u in personas for s in sparsities}]
+        print(f"merge: keeping {len(rows)} stored rows", flush=True)
+    with open(csv_path, "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writeheader()
+    for r in rows:
+        _append(csv_path, fields, r)
 
     def pruned_view(kind, data):
         """A context giving the pruned model: channel masks on the dense model, or a depth copy."""
@@ -205,8 +219,14 @@ def main() -> None:
                 break
             run_persona(u, s)
             done.append((s, u))
+    if a.merge:  # the report covers every stored row, not only this run's
+        sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+        methods = [m for m in GENERIC + PERSONAL if any(r["method"] == m for r in rows)]
     summary = summarize(rows, sparsities, methods, prune_times)
-    summary["total_s"] = round(time.time() - t_start)
+    summary["total_s"] = None if a.merge else round(time.time() - t_start)
+    summary["this_run_s"] = round(time.time() - t_start)
+    if a.merge:
+        summary["merged"] = {"ran": a.methods, "personas": a.personas, "sparsities": a.sparsities}
     summary["done"] = [f"{u}@{s}" for s, u in done]
     (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
                                                  indent=1))
@@ -218,12 +238,7 @@ def main() -> None:
 def report_only(a) -> None:
     """The report from the rows written so far (a run that was stopped early)."""
     out, work = Path(a.out), Path(a.work)
-    rows = []
-    with open(out / "quality.csv") as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
-    for r in rows:
-        r["persona"] = int(r["persona"])
+    rows = _read_rows(out / "quality.csv")
     done = {r["persona"] for r in rows if r["method"] == "persona-pruner"}
     rows = [r for r in rows if r["persona"] in done]
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
@@ -234,6 +249,16 @@ def report_only(a) -> None:
     plot(rows, sparsities, methods, out)
     write_md(summary, rows, sparsities, methods, out, a)
     print(json.dumps(summary, indent=1))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
+    for r in rows:
+        r["persona"] = int(r["persona"])
+    return rows
 
 
 def _append(path: Path, fields: list[str], row: dict) -> None:
@@ -316,6 +341,11 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                  f"{len(load_reference_personas())} reference personas." if a.attribution_n else
                  "Attribution was not measured in this run (`--attribution-n 0`: generating with every "
                  "method did not fit the session); `npc eval` and every service NPC report it."), ""]
+    if summary.get("merged"):
+        g = summary["merged"]
+        lines += [f"Merged report: the last run ({summary['this_run_s']} s) redid `{g['ran']}` for personas "
+                  f"{g['personas']} at sparsity {g['sparsities']} (`--merge`); every other row is the stored one "
+                  "from the earlier run, same dense answers and evaluation code.", ""]
     head = "| method | " + " | ".join(f"persona KL @{s} | general KL @{s}" for s in sparsities) + \
         " | persona NLL @" + str(sparsities[0]) + " | attribution @" + str(sparsities[0]) + " |"
     lines += [head, "|" + "---|" * (3 + 2 * len(sparsities))]

@@ -109,17 +109,17 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def prefix_kv(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Keys/values of every layer for one token prefix (batch 1), detached."""
+def prefix_kv(model, ids: list[int], *, grad: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Keys/values of every layer for one token prefix (batch 1); detached unless `grad`
+    (then gradients reach whatever the prefix's forward depends on, e.g. a live channel mask)."""
     if not ids:
         return None
     dev = model_device(model)
-    out = model.model(input_ids=torch.tensor([ids], device=dev), use_cache=True)
-    cache = out.past_key_values
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        out = model.model(input_ids=torch.tensor([ids], device=dev), use_cache=True)
     kv = []
-    for layer in cache.layers:
-        kv.append((layer.keys.detach(), layer.values.detach()))
+    for layer in out.past_key_values.layers:
+        kv.append((layer.keys, layer.values) if grad else (layer.keys.detach(), layer.values.detach()))
     return kv
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from pruning import PruneError, vllm_gen
-from pruning.batching import Example, answer_ids, end_of_turn_id, pad_id_of
+from pruning.batching import Example, answer_ids
 from pruning.datasets import load_instructions, load_reference_personas
 from pruning.evaluate import EvalSet, Evaluator, load_eval_file
 from pruning.export import MANIFEST
 from pruning.model_io import load_model, resolve_base
-from pruning.synth import generate_detailed
+from pruning.synth import generate_detailed, generate_ids
 
 
 @dataclass
@@ -63,30 +63,10 @@ def _conv(system: str | None, turns: list[tuple[str, str]], user: str) -> list[d
 @torch.no_grad()
 def hf_chat_generate(model, tok, conversations: list[list[dict]], max_new_tokens: int,
                      batch_size: int = 8) -> list[tuple[str, bool]]:
-    """Greedy next assistant turn per conversation with transformers (left padded batches)."""
-    pad, eot = pad_id_of(tok), end_of_turn_id(tok)
+    """Greedy next assistant turn per conversation with transformers."""
     seqs = [list(tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
                      add_special_tokens=False)["input_ids"]) for c in conversations]
-    out: list[tuple[str, bool]] = [("", False)] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    dev = next(model.parameters()).device
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        T = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, T - len(seqs[i]):] = torch.tensor(seqs[i])
-            mask[r, T - len(seqs[i]):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=eot,
-                             pad_token_id=pad)
-        for r, i in enumerate(idx):
-            toks = gen[r, T:].tolist()
-            done = eot in toks
-            toks = toks[: toks.index(eot)] if done else toks
-            out[i] = (tok.decode(toks, skip_special_tokens=True).strip(), done)
-    return out
+    return generate_ids(model, tok, seqs, max_new_tokens, batch_size=batch_size)
 
 
 class Generator:

@@ -55,8 +55,15 @@ class MaskLearnConfig:
     fisher_weight: float = 0.5        # act-fisher: weight of the Fisher z-scores vs activation z-scores
     fisher_target: str = "answer"     # "answer" (empirical Fisher) | "sampled" (tokens drawn from dense)
     weight_decay: float = 0.0
+    # gradients through the system prompt's keys/values too (the persona prompt is most of the
+    # context: 170-515 tokens in the eval personas); False reuses a no-grad prefix per step
+    prefix_grad: bool = False
     seed: int = 0
     max_length: int = 512
+
+    def __post_init__(self):  # a bad option fails before any data is built
+        if self.variant not in VARIANTS:
+            raise PruneError(f"unknown mask variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
 def _hard_topk(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -327,7 +334,9 @@ class MaskTrainer:
         if init_scores is not None:
             init = torch.stack([x.float() for x in init_scores])
         else:
-            fisher = (fisher_diag(model, tok, examples, self.P, cfg.batch_size, dense=self.dense,
+            # per-example Fisher through the prefix needs the prefix per example: no sharing
+            fisher = (fisher_diag(model, tok, examples, 0 if cfg.prefix_grad else self.P, cfg.batch_size,
+                                  dense=self.dense,
                                   sampled=cfg.fisher_target == "sampled", generator=self.gen)
                       if cfg.init in ("fisher", "act-fisher") else None)
             init = initial_scores(model, acts, cfg.init, cfg.seed, fisher, cfg.fisher_weight)
@@ -344,11 +353,14 @@ class MaskTrainer:
     def loss(self, b: int):
         """(loss, ce, kl) on dense batch `b` under this step's training mask (graph attached)."""
         idx = self.dense.batches[b]
-        with torch.no_grad(), channel_mask(self.model, list(self.sc.hard())):
-            kv = prefix_kv(self.model, self.examples[0].ids[: self.P]) if self.P > 0 else None
+        if not self.cfg.prefix_grad:
+            with torch.no_grad(), channel_mask(self.model, list(self.sc.hard())):
+                kv = prefix_kv(self.model, self.examples[0].ids[: self.P]) if self.P > 0 else None
         self.sc.sample(self.gen)
         try:
             with channel_mask(self.model, self.sc.layer_mask):
+                if self.cfg.prefix_grad:
+                    kv = prefix_kv(self.model, self.examples[0].ids[: self.P], grad=True) if self.P > 0 else None
                 hidden = forward_suffixes(self.model, kv, self.P, [self.examples[i].ids[self.P:] for i in idx],
                                           self.pad)
                 ce, kl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
@@ -397,10 +409,13 @@ PROFILES: dict[str, dict] = {
     "fast": dict(n_instructions=8, pool_size=48, n_references=2, max_new_tokens=24,
                  learn=dict(steps=6, batch_size=4, lr=0.05)),
     # the service default: a few minutes on 2 CPU cores
-    "default": dict(n_instructions=64, pool_size=512, n_references=8, max_new_tokens=64,
+    # 256 answers come from a vLLM teacher in ~1.5 min (teacher_backend auto); 256 beat 64 by
+    # 4 % persona / 8 % general KL (docs/quality_experiments.md)
+    "default": dict(n_instructions=256, pool_size=512, n_references=8, max_new_tokens=64,
                     learn=dict(steps=16, batch_size=8, lr=0.05)),
-    "thorough": dict(n_instructions=128, pool_size=None, n_references=None, max_new_tokens=128,
-                     learn=dict(steps=240, batch_size=8, lr=0.03)),
+    # not benchmarked: twice the default's data over the whole pool, longer answers, 2 epochs
+    "thorough": dict(n_instructions=512, pool_size=None, n_references=None, max_new_tokens=96,
+                     learn=dict(steps=128, batch_size=8, lr=0.03)),
 }
 
 

@@ -33,7 +33,7 @@ from pruning.masklearn import MaskLearnConfig, config_for, learn_scores, profile
 from pruning.methods import PruneContext, register
 from pruning.model_io import checkpoint_sha256, ffn_blocks
 from pruning.sensitivity import default_band, select_instructions
-from pruning.synth import dataset_key, load_dataset, rewrite, save_dataset
+from pruning.synth import dataset_key, load_dataset, resolve_backend, rewrite, save_dataset
 
 DEFAULT_PROFILE = "default"
 DEFAULT_SPARSITY = 0.25
@@ -126,7 +126,7 @@ def resolve_options(ctx: PruneContext) -> dict:
            "pool_path": None, "references_path": None, "pool_calibration": True, "center": True, "n_anchor": 0,
            # the persona's own topics, not the questions every persona moves (docs/quality_experiments.md)
            "relative": True,
-           "compute_dtype": "auto", "use_cache": True, "teacher_backend": "hf",
+           "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     return out
@@ -149,13 +149,15 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     refs = load_reference_personas(opts["references_path"])
     band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
     dtype = next(model.parameters()).dtype
+    backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model,
+                                                                   opts["n_instructions"] + len(anchors))
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
                       **({"relative": True} if opts["relative"] else {}),  # plain keys stay as they were
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
-                      teacher_backend=opts["teacher_backend"],
+                      teacher_backend=opts["teacher_backend"] if opts["teacher_url"] else backend,
                       dtype=str(dtype))
     info = {"dataset_key": key}
     rows = load_dataset(cache_dir, key) if cache_dir is not None else None
@@ -175,7 +177,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     rows = rewrite(model, tok, system, [q for q, _ in picked] + anchors, max_new_tokens=opts["max_new_tokens"],
                    batch_size=opts["gen_batch_size"], temperature=opts["teacher_temperature"], seed=ctx.seed,
                    teacher_url=opts["teacher_url"], teacher_model=opts["teacher_model"],
-                   backend=opts["teacher_backend"], progress=lambda f: progress(0.3 + 0.7 * f))
+                   backend=backend, keep_engine=opts["teacher_backend"] != "auto", progress=lambda f: progress(0.3 + 0.7 * f))
     div = dict(picked)
     for r in rows:
         if r["instruction"] in div:
@@ -184,7 +186,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
             r["anchor"] = True
     if not rows:
         raise PruneError("the teacher produced no answers for the selected instructions")
-    info.update(dataset_cached=False, filter_s=round(t1 - t0, 2), rewrite_s=round(time.time() - t1, 2))
+    info.update(dataset_cached=False, teacher_backend=backend, filter_s=round(t1 - t0, 2), rewrite_s=round(time.time() - t1, 2))
     if opts["use_cache"]:
         p = save_dataset(cache_dir, key, rows)
         if p is not None:

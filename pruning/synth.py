@@ -34,13 +34,22 @@ def generate_detailed(model, tok, system: str | None, questions: list[str], max_
     reused (left padding sits between the prefix and each question; the attention mask and
     mask-derived position ids keep every row exact).
     """
+    seqs = [prompt_ids(tok, q, system)[-max_prompt:] for q in questions]
+    return generate_ids(model, tok, seqs, max_new_tokens, batch_size=batch_size, temperature=temperature,
+                        seed=seed, progress=progress)
+
+
+@torch.no_grad()
+def generate_ids(model, tok, seqs: list[list[int]], max_new_tokens: int, *, batch_size: int = 16,
+                 temperature: float = 0.0, seed: int = 0,
+                 progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, bool]]:
+    """(text, finished) continuing each tokenised prompt (a chat ending in the assistant header)."""
     from transformers import DynamicCache
 
-    if not questions:
+    if not seqs:
         return []
     dev = model_device(model)
     pad, eot = pad_id_of(tok), end_of_turn_id(tok)
-    seqs = [prompt_ids(tok, q, system)[-max_prompt:] for q in questions]
     P = common_prefix_len(seqs, limit=min(len(s) for s in seqs) - 1)
     kv = None
     if P > 0:
@@ -153,22 +162,48 @@ def save_dataset(cache_dir: Path | None, key: str, rows: list[dict]) -> Path | N
     return p
 
 
+AUTO_VLLM_MIN = 64          # answers from which starting a vLLM engine (~20-30 s) pays off
+TEACHER_KV_BYTES = 1 << 30  # the teacher engine's KV cache: a few hundred short answers at once
+
+
+def resolve_backend(backend: str, model, n_instructions: int) -> str:
+    """`auto`: vLLM when it is usable, the base is a local directory and there are enough
+    answers to amortise the engine start; else transformers (`hf`)."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise PruneError(f"unknown teacher_backend {backend!r}; choose auto, hf or vllm")
+    if backend != "auto":
+        return backend
+    from pruning import vllm_gen
+
+    path = getattr(model.config, "_name_or_path", "")
+    local = bool(path) and Path(path).is_dir()
+    use = n_instructions >= AUTO_VLLM_MIN and local and model_device(model).type == "cpu" and vllm_gen.available()
+    return "vllm" if use else "hf"
+
+
 def rewrite(model, tok, system: str | None, instructions: list[str], *, max_new_tokens: int = 96,
             batch_size: int = 16, temperature: float = 0.0, seed: int = 0, teacher_url: str | None = None,
-            teacher_model: str | None = None, backend: str = "hf",
+            teacher_model: str | None = None, backend: str = "hf", keep_engine: bool = True,
             progress: Callable[[float], None] = lambda f: None) -> list[dict]:
     """Rows {instruction, answer, finished}: the teacher's persona-conditioned answers.
 
     `backend` "vllm" runs the base model in a process-wide vLLM engine (worth it when one
     process prunes many personas); "hf" (default) batches transformers' generate, which for
-    one persona's few dozen answers is faster than starting an engine (~20 s here)."""
+    one persona's few dozen answers is faster than starting an engine (~20 s here); "auto" picks
+    (`resolve_backend`). With ``keep_engine=False`` an engine started here is stopped after."""
     if backend == "vllm" and not teacher_url:
         from pruning import vllm_gen
 
         path = getattr(model.config, "_name_or_path", "")
         if not path or not Path(path).is_dir():
             raise PruneError("teacher_backend vllm needs a base model loaded from a local directory")
-        pairs = vllm_gen.answers(path, system, instructions, max_new_tokens, temperature=temperature, seed=seed)
+        started = not vllm_gen.running(path)
+        try:
+            pairs = vllm_gen.answers(path, system, instructions, max_new_tokens, temperature=temperature, seed=seed,
+                                     kv_cache_bytes=TEACHER_KV_BYTES)
+        finally:
+            if started and not keep_engine:  # a one-off teacher gives its memory back
+                vllm_gen.release(path)
         progress(1.0)
     elif teacher_url:
         if not teacher_model:

@@ -25,8 +25,13 @@ def available() -> bool:
     return True
 
 
-def engine(model_dir: str | Path):
-    """The process-wide vLLM engine for `model_dir` (started on first use)."""
+def running(model_dir: str | Path) -> bool:
+    return str(Path(model_dir).resolve()) in _ENGINES
+
+
+def engine(model_dir: str | Path, kv_cache_bytes: int | None = None):
+    """The process-wide vLLM engine for `model_dir` (started on first use; `kv_cache_bytes`
+    sizes its KV cache when no NPC_KV_CACHE_BYTES is set)."""
     key = str(Path(model_dir).resolve())
     if key not in _ENGINES:
         try:
@@ -35,7 +40,7 @@ def engine(model_dir: str | Path):
             raise PruneError(f"vLLM is not usable here ({type(e).__name__}: {e}); use the hf backend") from None
         kw = dict(model=key, tokenizer=key, dtype="bfloat16", enforce_eager=True, max_model_len=2048, seed=0,
                   enable_prefix_caching=True, disable_log_stats=True)
-        mem = os.environ.get("NPC_KV_CACHE_BYTES")
+        mem = os.environ.get("NPC_KV_CACHE_BYTES") or kv_cache_bytes
         if mem:
             kw["kv_cache_memory_bytes"] = int(mem)
         else:
@@ -58,13 +63,13 @@ def release(model_dir: str | Path | None = None) -> None:
 
 
 def chat_generate(model_dir: str | Path, conversations: list[list[dict]], max_new_tokens: int, *,
-                  temperature: float = 0.0, seed: int = 0) -> list[tuple[str, bool]]:
+                  temperature: float = 0.0, seed: int = 0, kv_cache_bytes: int | None = None) -> list[tuple[str, bool]]:
     """(text, finished) per conversation: the assistant's next turn, greedy unless temperature > 0."""
     from vllm import SamplingParams
 
     if not conversations:
         return []
-    llm = engine(model_dir)
+    llm = engine(model_dir, kv_cache_bytes)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature), seed=seed,
                             top_p=1.0, skip_special_tokens=True)
     outs = llm.chat(conversations, params, use_tqdm=False)

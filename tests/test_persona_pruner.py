@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pruning import PruneError
 from pruning.batching import channel_mask, kept_masks, make_examples
 from pruning.evaluate import Evaluator
 from pruning.export import keep_count, read_manifest, select_kept
@@ -71,6 +72,38 @@ def test_ste_gradient_reaches_only_the_scores(dense, examples):
         dropped = tr.sc.hard() == 0
         assert g[dropped].abs().sum() > 0
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
+    """`prefix_grad`: the same forward; the gradient also flows through the system prompt's KV."""
+    model, tok = dense
+    grads, losses = [], []
+    for pg in (False, True):
+        cfg = MaskLearnConfig(steps=1, batch_size=4, prefix_grad=pg)
+        with frozen(model):
+            tr = MaskTrainer(model, tok, examples[:4], K, cfg, init_scores=[torch.zeros(1536)] * model.config.num_hidden_layers)
+            assert tr.P > 0  # the persona prompt is a shared prefix
+            loss, _, _ = tr.loss(0)
+            loss.backward()
+            assert all(p.grad is None for p in model.parameters())
+        losses.append(float(loss.detach()))
+        grads.append(tr.scores.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_teacher_backend_auto(dense, monkeypatch):
+    from pruning import vllm_gen
+    from pruning.synth import AUTO_VLLM_MIN, resolve_backend
+
+    model, _ = dense
+    assert resolve_backend("hf", model, 1000) == "hf"
+    with pytest.raises(PruneError, match="teacher_backend"):
+        resolve_backend("gpu", model, 1000)
+    assert resolve_backend("auto", model, AUTO_VLLM_MIN - 1) == "hf"  # an engine start does not pay off
+    assert resolve_backend("auto", model, AUTO_VLLM_MIN) == ("vllm" if vllm_gen.available() else "hf")
+    monkeypatch.setenv("NPC_NO_VLLM", "1")
+    assert resolve_backend("auto", model, 1000) == "hf"
 
 
 def test_topk_keeps_exactly_k_per_layer(dense, examples):

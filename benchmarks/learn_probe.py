@@ -1,0 +1,88 @@
+"""Initialisation mixes and optimiser settings from one dense pass over a cached synthetic set.
+
+    .venv/bin/python benchmarks/learn_probe.py PERSONAS VARIANTS_JSON TAG
+    .venv/bin/python benchmarks/learn_probe.py 0,3 '[{"w": 0.5, "snap": [0, 16]}, {"w": 0.5, "cfg": {"lr": 0.02}, "snap": [32]}]' lr
+
+Needs the default profile's synthetic set of each persona in the benchmark cache (run quality.py
+or scale_probe.py first). `w` is the Fisher weight of the act-fisher init; `"train_kl": true` also
+scores each snapshot's hard mask on the whole training set. Prints PROBE json lines;
+results are in docs/quality_experiments.md.
+"""
+import sys, time, json
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
+from quality import EVAL
+from pruning.evaluate import Evaluator, load_eval_file
+from pruning.batching import kept_masks, make_examples, common_prefix_len, pad_id_of
+from pruning.export import keep_count, select_kept
+from pruning.model_io import load_model
+from pruning.methods import PruneContext
+from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
+from pruning.masklearn import (config_for, MaskTrainer, ChannelScores, frozen, dense_pass, fisher_diag,
+                               initial_scores, masked_losses, _normalise)
+
+def make_tr(work, tok, ex, k, cfg, P, dense, init):
+    tr = MaskTrainer.__new__(MaskTrainer)
+    torch.manual_seed(cfg.seed)
+    tr.model, tr.tok, tr.examples, tr.k, tr.cfg = work, tok, ex, k, cfg
+    tr.gen = torch.Generator().manual_seed(cfg.seed); tr.pad = pad_id_of(tok); tr.P = P; tr.dense = dense
+    tr.init = init; tr.sc = ChannelScores(init, k, cfg)
+    tr.opt = torch.optim.Adam([tr.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tr.history, tr._order = [], []
+    return tr
+
+if __name__ == "__main__":
+    us = [int(x) for x in sys.argv[1].split(",")]
+    variants = json.loads(sys.argv[2])   # [{"w":0.5,"cfg":{...},"snap":[0,16]}]
+    tag = sys.argv[3]
+    base = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
+    work_dir = ROOT / ".bench" / "quality"
+    model, tok = load_model(base, dtype=torch.float32)
+    k = keep_count(model.config.intermediate_size, 0.25)
+    A = json.loads((work_dir / "dense_answers.json").read_text())
+    bid = base_identity(model)
+    for u in us:
+        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
+        pa, ga = A[f"spec{u}"], A[f"gen{u}"]
+        evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
+        evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+        ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
+                           options={}, cache_dir=work_dir / "cache")
+        opts = resolve_options(ctx)
+        snaps = []
+        with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
+            rows, info = build_dataset(work, tok, ctx, opts, bid, work_dir / "cache")
+            assert info["dataset_cached"], info
+            base_cfg = config_for("default", seed=0)
+            ex = make_examples(tok, ctx.chat_system, [x["instruction"] for x in rows], [x["answer"] for x in rows],
+                               [bool(x.get("finished", True)) for x in rows], max_length=base_cfg.max_length)
+            t = time.time()
+            with frozen(work):
+                P = common_prefix_len([e.ids for e in ex], limit=min(e.n_prompt for e in ex) - 1)
+                dense, acts = dense_pass(work, tok, ex, P, 8, 64)
+                fisher = fisher_diag(work, tok, ex, P, 8, dense=dense)
+                a = initial_scores(work, acts, "activation", 0)
+                f = torch.stack([_normalise(x) for x in fisher])
+                print("INIT", round(time.time() - t), flush=True)
+                for v in variants:
+                    w = v.get("w", 0.5)
+                    init = (1 - w) * a + w * f
+                    cfg = config_for("default", **v.get("cfg", {}), seed=0)
+                    tr = make_tr(work, tok, ex, k, cfg, P, dense, init)
+                    t1 = time.time()
+                    for st in range(max(v["snap"]) + 1):
+                        if st in v["snap"]:
+                            # KL on the whole training set under this hard mask: what the mask can fit
+                            tk = (masked_losses(work, tok, ex, list(tr.sc.hard()), P, dense=dense)["kl"]
+                                  if v.get("train_kl") else None)
+                            snaps.append((v, st, tr.scores.detach().clone(), round(time.time() - t1), tk))
+                        if st < max(v["snap"]):
+                            tr.step()
+        for v, st, sc, sec, tk in snaps:
+            m = kept_masks(model, select_kept(list(sc), k))
+            rp, rg = evp.score(m), evg.score(m)
+            print("PROBE", json.dumps({"tag": tag, "persona": u, "v": v, "step": st,
+                  "persona_kl": round(rp["kl_to_dense"], 4), "general_kl": round(rg["kl_to_dense"], 4), "sec": sec,
+                  "train_kl": None if tk is None else round(tk, 4)}), flush=True)

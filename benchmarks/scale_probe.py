@@ -1,0 +1,77 @@
+"""Persona KL against the amount of synthetic data and the number of learning steps.
+
+    .venv/bin/python benchmarks/scale_probe.py PERSONAS DATA_OPTIONS_JSON RUNS_JSON TAG
+    .venv/bin/python benchmarks/scale_probe.py 0,3 '{"n_instructions": 256, "teacher_backend": "vllm"}' \
+        '[{"n": 64, "snap": [0, 16]}, {"n": 256, "snap": [0, 16, 32, 64], "cfg": {"prefix_grad": true}}]' scale
+
+Builds (or reuses) each persona's synthetic set with DATA_OPTIONS, then for each run learns on its
+top `n` rows and scores snapshots of the same run at the `snap` steps on the eval questions.
+Prints one PROBE json line per snapshot; results are in docs/quality_experiments.md.
+"""
+import sys, time, json
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
+from quality import dense_answers, EVAL
+from pruning.evaluate import Evaluator, load_eval_file
+from pruning.batching import kept_masks, make_examples
+from pruning.export import keep_count, select_kept
+from pruning.model_io import load_model
+from pruning.methods import PruneContext
+from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
+from pruning.masklearn import config_for, MaskTrainer, frozen
+from pruning import vllm_gen
+
+if __name__ == "__main__":
+    us = [int(x) for x in sys.argv[1].split(",")]
+    data_opts = json.loads(sys.argv[2])       # options for build_dataset
+    runs = json.loads(sys.argv[3])            # [{"n":..,"snap":[0,16],"cfg":{...}}]
+    tag = sys.argv[4]
+    base = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
+    work_dir = ROOT / ".bench" / "quality"
+    model, tok = load_model(base, dtype=torch.float32)
+    k = keep_count(model.config.intermediate_size, 0.25)
+    sets = {}
+    for u in range(10):
+        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
+        sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
+        sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
+    A = dense_answers(base, sets, 96, work_dir, "vllm")
+    bid = base_identity(model)
+    for u in us:
+        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
+        pa, ga = A[f"spec{u}"], A[f"gen{u}"]
+        evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
+        evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+        ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
+                           options=data_opts, cache_dir=work_dir / "cache")
+        opts = resolve_options(ctx)
+        t = time.time()
+        snaps = []
+        with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
+            rows, info = build_dataset(work, tok, ctx, opts, bid, work_dir / "cache")
+            vllm_gen.release()
+            print("DATA", u, len(rows), round(time.time() - t), info, flush=True)
+            for r in runs:
+                cfg = config_for("default", **r.get("cfg", {}), seed=0)
+                sel = rows[: r["n"]]
+                ex = make_examples(tok, ctx.chat_system, [x["instruction"] for x in sel], [x["answer"] for x in sel],
+                                   [bool(x.get("finished", True)) for x in sel], max_length=cfg.max_length)
+                t1 = time.time()
+                with frozen(work):
+                    tr = MaskTrainer(work, tok, ex, k, cfg)
+                    tinit = time.time() - t1
+                    for st in range(max(r["snap"]) + 1):
+                        if st in r["snap"]:
+                            snaps.append((r, st, tr.scores.detach().clone(), round(time.time() - t1), tinit,
+                                          tr.history[-1]["loss"] if tr.history else None))
+                        if st < max(r["snap"]):
+                            tr.step()
+        for r, st, sc, sec, tinit, loss in snaps:
+            m = kept_masks(model, select_kept(list(sc), k))
+            rp, rg = evp.score(m), evg.score(m)
+            print("PROBE", json.dumps({"tag": tag, "persona": u, "n": r["n"], "cfg": r.get("cfg", {}), "step": st,
+                  "persona_kl": round(rp["kl_to_dense"], 4), "general_kl": round(rg["kl_to_dense"], 4),
+                  "sec": sec, "init_s": round(tinit), "train_loss": loss}), flush=True)
