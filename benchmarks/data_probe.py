@@ -10,31 +10,17 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from quality import dense_answers, EVAL
-from pruning.evaluate import Evaluator, load_eval_file
+from probe_common import WORK, evaluators, setup
 from pruning.batching import kept_masks
 from pruning.export import keep_count, select_kept
-from pruning.model_io import load_model
 from pruning.methods import get_method, PruneContext
 if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]; s = float(sys.argv[2]); opts = json.loads(sys.argv[3]); tag = sys.argv[4]
-    base = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
-    work = ROOT / ".bench" / "quality"
-    model, tok = load_model(base, dtype=torch.float32)
+    work = WORK
+    model, tok, A = setup()
     k = keep_count(model.config.intermediate_size, s)
-    sets = {}
-    for u in range(10):
-        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
-        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
-        sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
-        sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
-    A = dense_answers(base, sets, 96, work, "vllm")
     for u in us:
-        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
-        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
-        pa, ga = A[f"spec{u}"], A[f"gen{u}"]
-        evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
-        evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+        sp, evp, evg = evaluators(model, tok, u, A)
         t = time.time()
         ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=s, seed=0,
                            options=opts, cache_dir=work / "cache")

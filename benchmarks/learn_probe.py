@@ -12,11 +12,9 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from quality import EVAL
-from pruning.evaluate import Evaluator, load_eval_file
+from probe_common import WORK, evaluators, setup
 from pruning.batching import kept_masks, make_examples, common_prefix_len, pad_id_of
 from pruning.export import keep_count, select_kept
-from pruning.model_io import load_model
 from pruning.methods import PruneContext
 from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
 from pruning.masklearn import (config_for, MaskTrainer, ChannelScores, frozen, dense_pass, fisher_diag,
@@ -36,18 +34,12 @@ if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]
     variants = json.loads(sys.argv[2])   # [{"w":0.5,"cfg":{...},"snap":[0,16]}]
     tag = sys.argv[3]
-    base = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
-    work_dir = ROOT / ".bench" / "quality"
-    model, tok = load_model(base, dtype=torch.float32)
+    work_dir = WORK
+    model, tok, A = setup()
     k = keep_count(model.config.intermediate_size, 0.25)
-    A = json.loads((work_dir / "dense_answers.json").read_text())
     bid = base_identity(model)
     for u in us:
-        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
-        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
-        pa, ga = A[f"spec{u}"], A[f"gen{u}"]
-        evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
-        evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+        sp, evp, evg = evaluators(model, tok, u, A)
         ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
                            options={}, cache_dir=work_dir / "cache")
         opts = resolve_options(ctx)

@@ -1,0 +1,37 @@
+"""Shared setup of the dev probes: the base model, the cached dense answers, per-persona evaluators."""
+from pathlib import Path
+
+import torch
+
+from quality import EVAL, dense_answers
+from pruning.evaluate import Evaluator, load_eval_file
+from pruning.model_io import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
+WORK = ROOT / ".bench" / "quality"
+
+
+def eval_files(u: int):
+    return (load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json"),
+            load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False))
+
+
+def setup():
+    """(model, tok, answers): the fp32 base and the dense answers of all 10 personas (vLLM, cached)."""
+    model, tok = load_model(BASE, dtype=torch.float32)
+    sets = {}
+    for u in range(10):
+        sp, gen = eval_files(u)
+        sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
+        sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
+    return model, tok, dense_answers(BASE, sets, 96, WORK, "vllm")
+
+
+def evaluators(model, tok, u: int, answers):
+    """(eval set, persona evaluator, general evaluator) of persona `u`."""
+    sp, gen = eval_files(u)
+    pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
+    evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
+    evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
+    return sp, evp, evg
