@@ -85,8 +85,6 @@ class ChannelScores(torch.nn.Module):
 
     def __init__(self, init: torch.Tensor, k: int, cfg: MaskLearnConfig):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise PruneError(f"unknown mask variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
         self.scores = torch.nn.Parameter(init.clone().float())
         self.k, self.cfg = k, cfg
         self._current: torch.Tensor | None = None
