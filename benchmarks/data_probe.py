@@ -10,25 +10,20 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import WORK, evaluators, setup
-from pruning.batching import kept_masks
-from pruning.export import keep_count, select_kept
-from pruning.methods import get_method, PruneContext
+from probe_common import evaluators, persona_context, score_kl, setup
+from pruning.export import keep_count
+from pruning.methods import get_method
 if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]; s = float(sys.argv[2]); opts = json.loads(sys.argv[3]); tag = sys.argv[4]
-    work = WORK
     model, tok, A = setup()
     k = keep_count(model.config.intermediate_size, s)
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, A)
         t = time.time()
-        ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=s, seed=0,
-                           options=opts, cache_dir=work / "cache")
+        ctx = persona_context(sp, s, opts)
         scores = get_method("persona-pruner")(model, tok, ctx)
         dt = time.time() - t
-        m = kept_masks(model, select_kept(scores, k))
-        rp, rg = evp.score(m), evg.score(m)
+        kl = score_kl(model, evp, evg, scores, k)
         info = ctx.info.get("persona_pruner", {})
-        print("PROBE", json.dumps({"tag": tag, "persona": u, "s": s, "persona_kl": round(rp["kl_to_dense"], 4),
-              "general_kl": round(rg["kl_to_dense"], 4), "sec": round(dt), "opts": opts,
+        print("PROBE", json.dumps({"tag": tag, "persona": u, "s": s, **kl, "sec": round(dt), "opts": opts,
               "cached": info.get("dataset_cached")}), flush=True)

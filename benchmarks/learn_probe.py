@@ -12,40 +12,28 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import WORK, evaluators, setup
-from pruning.batching import kept_masks, make_examples, common_prefix_len, pad_id_of
-from pruning.export import keep_count, select_kept
-from pruning.methods import PruneContext
-from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
-from pruning.masklearn import (config_for, MaskTrainer, ChannelScores, frozen, dense_pass, fisher_diag,
-                               initial_scores, masked_losses, _normalise)
+from probe_common import WORK, evaluators, persona_context, score_kl, setup
+from pruning.batching import make_examples, common_prefix_len
+from pruning.export import keep_count
 
-def make_tr(work, tok, ex, k, cfg, P, dense, init):
-    tr = MaskTrainer.__new__(MaskTrainer)
-    torch.manual_seed(cfg.seed)
-    tr.model, tr.tok, tr.examples, tr.k, tr.cfg = work, tok, ex, k, cfg
-    tr.gen = torch.Generator().manual_seed(cfg.seed); tr.pad = pad_id_of(tok); tr.P = P; tr.dense = dense
-    tr.init = init; tr.sc = ChannelScores(init, k, cfg)
-    tr.opt = torch.optim.Adam([tr.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tr.history, tr._order = [], []
-    return tr
+from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
+from pruning.masklearn import (config_for, MaskTrainer, frozen, dense_pass, fisher_diag,
+                               initial_scores, masked_losses, _normalise)
 
 if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]
     variants = json.loads(sys.argv[2])   # [{"w":0.5,"cfg":{...},"snap":[0,16]}]
     tag = sys.argv[3]
-    work_dir = WORK
     model, tok, A = setup()
     k = keep_count(model.config.intermediate_size, 0.25)
     bid = base_identity(model)
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, A)
-        ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
-                           options={}, cache_dir=work_dir / "cache")
+        ctx = persona_context(sp, 0.25, {})
         opts = resolve_options(ctx)
         snaps = []
         with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
-            rows, info = build_dataset(work, tok, ctx, opts, bid, work_dir / "cache")
+            rows, info = build_dataset(work, tok, ctx, opts, bid, WORK / "cache")
             assert info["dataset_cached"], info
             base_cfg = config_for("default", seed=0)
             ex = make_examples(tok, ctx.chat_system, [x["instruction"] for x in rows], [x["answer"] for x in rows],
@@ -62,7 +50,7 @@ if __name__ == "__main__":
                     w = v.get("w", 0.5)
                     init = (1 - w) * a + w * f
                     cfg = config_for("default", **v.get("cfg", {}), seed=0)
-                    tr = make_tr(work, tok, ex, k, cfg, P, dense, init)
+                    tr = MaskTrainer(work, tok, ex, k, cfg, init_scores=list(init), dense=dense)
                     t1 = time.time()
                     for st in range(max(v["snap"]) + 1):
                         if st in v["snap"]:
@@ -73,8 +61,7 @@ if __name__ == "__main__":
                         if st < max(v["snap"]):
                             tr.step()
         for v, st, sc, sec, tk in snaps:
-            m = kept_masks(model, select_kept(list(sc), k))
-            rp, rg = evp.score(m), evg.score(m)
+            kl = score_kl(model, evp, evg, list(sc), k)
             print("PROBE", json.dumps({"tag": tag, "persona": u, "v": v, "step": st,
-                  "persona_kl": round(rp["kl_to_dense"], 4), "general_kl": round(rg["kl_to_dense"], 4), "sec": sec,
+                  **kl, "sec": sec,
                   "train_kl": None if tk is None else round(tk, 4)}), flush=True)

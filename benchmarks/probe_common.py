@@ -4,7 +4,10 @@ from pathlib import Path
 import torch
 
 from quality import EVAL, dense_answers
+from pruning.batching import kept_masks
 from pruning.evaluate import Evaluator, load_eval_file
+from pruning.export import select_kept
+from pruning.methods import PruneContext
 from pruning.model_io import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +38,15 @@ def evaluators(model, tok, u: int, answers):
     evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
     evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
     return sp, evp, evg
+
+
+def persona_context(sp, sparsity: float, options: dict) -> PruneContext:
+    """The persona-pruner context of eval set `sp`, caching into the benchmark's work dir."""
+    return PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=sparsity, seed=0,
+                        options=options, cache_dir=WORK / "cache")
+
+
+def score_kl(model, evp, evg, scores, k: int) -> dict:
+    """Persona and general KL of the per-layer top-k of `scores`."""
+    m = kept_masks(model, select_kept(list(scores), k))
+    return {"persona_kl": round(evp.score(m)["kl_to_dense"], 4), "general_kl": round(evg.score(m)["kl_to_dense"], 4)}

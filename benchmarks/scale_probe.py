@@ -12,10 +12,10 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import WORK, evaluators, setup
-from pruning.batching import kept_masks, make_examples
-from pruning.export import keep_count, select_kept
-from pruning.methods import PruneContext
+from probe_common import WORK, evaluators, persona_context, score_kl, setup
+from pruning.batching import make_examples
+from pruning.export import keep_count
+
 from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
 from pruning.masklearn import config_for, MaskTrainer, frozen
 from pruning import vllm_gen
@@ -25,19 +25,17 @@ if __name__ == "__main__":
     data_opts = json.loads(sys.argv[2])       # options for build_dataset
     runs = json.loads(sys.argv[3])            # [{"n":..,"snap":[0,16],"cfg":{...}}]
     tag = sys.argv[4]
-    work_dir = WORK
     model, tok, A = setup()
     k = keep_count(model.config.intermediate_size, 0.25)
     bid = base_identity(model)
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, A)
-        ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
-                           options=data_opts, cache_dir=work_dir / "cache")
+        ctx = persona_context(sp, 0.25, data_opts)
         opts = resolve_options(ctx)
         t = time.time()
         snaps = []
         with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
-            rows, info = build_dataset(work, tok, ctx, opts, bid, work_dir / "cache")
+            rows, info = build_dataset(work, tok, ctx, opts, bid, WORK / "cache")
             vllm_gen.release()
             print("DATA", u, len(rows), round(time.time() - t), info, flush=True)
             for r in runs:
@@ -56,8 +54,7 @@ if __name__ == "__main__":
                         if st < max(r["snap"]):
                             tr.step()
         for r, st, sc, sec, tinit, loss in snaps:
-            m = kept_masks(model, select_kept(list(sc), k))
-            rp, rg = evp.score(m), evg.score(m)
+            kl = score_kl(model, evp, evg, list(sc), k)
             print("PROBE", json.dumps({"tag": tag, "persona": u, "n": r["n"], "cfg": r.get("cfg", {}), "step": st,
-                  "persona_kl": round(rp["kl_to_dense"], 4), "general_kl": round(rg["kl_to_dense"], 4),
+                  **kl,
                   "sec": sec, "init_s": round(tinit), "train_loss": loss}), flush=True)

@@ -319,8 +319,10 @@ class MaskTrainer:
     """
 
     def __init__(self, model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
-                 init_scores: list[torch.Tensor] | None = None,
+                 init_scores: list[torch.Tensor] | None = None, dense: DenseTargets | None = None,
                  progress: Callable[[float], None] = lambda f: None):
+        """`dense`: targets from an earlier `dense_pass` over the same examples (then `init_scores`
+        is required): trainers that differ only in their settings share one pass."""
         if not examples:
             raise PruneError("mask learning needs at least one training example")
         torch.manual_seed(cfg.seed)
@@ -328,7 +330,13 @@ class MaskTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.pad = pad_id_of(tok)
         self.P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
-        self.dense, acts = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk, progress=progress)
+        if dense is not None:
+            if init_scores is None:
+                raise PruneError("precomputed dense targets need init_scores")
+            self.dense = dense
+        else:
+            self.dense, acts = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk,
+                                          progress=progress)
         if init_scores is not None:
             init = torch.stack([x.float() for x in init_scores])
         else:

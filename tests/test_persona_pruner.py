@@ -92,6 +92,17 @@ def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_trainers_share_one_dense_pass(dense, examples):
+    model, tok = dense
+    cfg = MaskLearnConfig(steps=1, batch_size=4)
+    with frozen(model):
+        first = MaskTrainer(model, tok, examples[:4], K, cfg)
+        again = MaskTrainer(model, tok, examples[:4], K, cfg, init_scores=list(first.init), dense=first.dense)
+        assert float(again.loss(0)[0].detach()) == pytest.approx(float(first.loss(0)[0].detach()), rel=1e-6)
+        with pytest.raises(PruneError, match="init_scores"):
+            MaskTrainer(model, tok, examples[:4], K, cfg, dense=first.dense)
+
+
 def test_teacher_backend_auto(dense, monkeypatch):
     from pruning import vllm_gen
     from pruning.synth import AUTO_VLLM_MIN, resolve_backend
