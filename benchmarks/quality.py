@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the stored rows of every (persona, sparsity, method) this run does not redo "
                          "(e.g. rerun persona-pruner after a change against the stored baselines)")
+    ap.add_argument("--note", default="", help="why this run was made (kept in the report's run log)")
     a = ap.parse_args()
     if a.gen_dense:
         gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
@@ -150,10 +151,12 @@ def main() -> None:
     for r in rows:
         _append(csv_path, fields, r)
 
-    def pruned_view(kind, data):
-        """A context giving the pruned model: channel masks on the dense model, or a depth copy."""
+    def pruned_view(kind, data, scales=None):
+        """A context giving the pruned model: channel masks on the dense model (times the method's
+        channel scales, if any: the exported model folds them into down_proj), or a depth copy."""
         if kind == "kept":
-            return model, kept_masks(model, data)
+            masks = kept_masks(model, data)
+            return model, masks if scales is None else [m * sc.float() for m, sc in zip(masks, scales)]
         m2 = copy.deepcopy(model)
         drop_layers_inplace(m2, data)
         return m2, None
@@ -174,6 +177,7 @@ def main() -> None:
         k = keep_count(dense_size, s)
         for m in methods:
             t = time.time()
+            scales = None
             if m in generic_scores:
                 scores = generic_scores[m]
             elif m == "activation-persona":
@@ -185,6 +189,7 @@ def main() -> None:
                 ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,
                                    options={"profile": a.profile}, cache_dir=work / "cache")
                 scores = get_method(m)(model, tok, ctx)
+                scales = ctx.channel_scales
                 info = ctx.info.get("persona_pruner", {})
                 prune_times.append({"persona": u, "sparsity": s, "seconds": time.time() - t,
                                     "cached_data": info.get("dataset_cached"), "info": info})
@@ -193,7 +198,7 @@ def main() -> None:
                 kind, data = "drop", layers_to_drop(model, scores, s)
             else:
                 kind, data = "kept", select_kept(scores, k)
-            pm, masks = pruned_view(kind, data)
+            pm, masks = pruned_view(kind, data, scales)
             rp, rg = evp.score(masks, model=pm), evg.score(masks, model=pm)
             attr = None
             if a.attribution_n and s in attr_sp:
@@ -225,6 +230,10 @@ def main() -> None:
     summary = summarize(rows, sparsities, methods, prune_times)
     summary["total_s"] = None if a.merge else round(time.time() - t_start)
     summary["this_run_s"] = round(time.time() - t_start)
+    # the run log travels with merged reports: which run gave which rows
+    summary["runs"] = (_stored_runs(out) if a.merge else []) + [{
+        "date": time.strftime("%Y-%m-%d"), "methods": a.methods, "personas": a.personas,
+        "sparsities": a.sparsities, "seconds": summary["this_run_s"], "merge": a.merge, "note": a.note}]
     if a.merge:
         summary["merged"] = {"ran": a.methods, "personas": a.personas, "sparsities": a.sparsities}
     summary["done"] = [f"{u}@{s}" for s, u in done]
@@ -246,9 +255,15 @@ def report_only(a) -> None:
     pt = json.loads((work / "prune_times.json").read_text()) if (work / "prune_times.json").is_file() else []
     summary = summarize(rows, sparsities, methods, [p for p in pt if p["persona"] in done])
     summary["total_s"] = None
+    summary["runs"] = _stored_runs(out)
     plot(rows, sparsities, methods, out)
     write_md(summary, rows, sparsities, methods, out, a)
     print(json.dumps(summary, indent=1))
+
+
+def _stored_runs(out: Path) -> list[dict]:
+    p = out / "quality.json"
+    return json.loads(p.read_text())["summary"].get("runs", []) if p.is_file() else []
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -341,11 +356,20 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                  f"{len(load_reference_personas())} reference personas." if a.attribution_n else
                  "Attribution was not measured in this run (`--attribution-n 0`: generating with every "
                  "method did not fit the session); `npc eval` and every service NPC report it."), ""]
-    if summary.get("merged"):
-        g = summary["merged"]
-        lines += [f"Merged report: the last run ({summary['this_run_s']} s) redid `{g['ran']}` for personas "
-                  f"{g['personas']} at sparsity {g['sparsities']} (`--merge`); every other row is the stored one "
-                  "from the earlier run, same dense answers and evaluation code.", ""]
+    runs = summary.get("runs") or []
+    if len(runs) > 1:
+        lines += [f"Coverage: {len(runs)} runs, each later one merged into the stored rows (`--merge`: it redoes "
+                  "the named methods × personas × sparsities and keeps every other row); same dense answers and "
+                  "evaluation code throughout."]
+        for r in runs:
+            lines.append(f"- {r['date']}, {r['seconds']} s: `{r['methods']}` for personas {r['personas']} at "
+                         f"sparsity {r['sparsities']}" + (f". {r['note']}" if r.get("note") else ""))
+        lines.append("")
+    dense_attr = _mean([r["attribution"] for r in rows if r["method"] == "dense"])
+    if dense_attr is not None and dense_attr < 0.25:
+        lines += [f"Attribution sits near its floor for every model here, the dense one included ({dense_attr:.2f}): "
+                  "the eval's questions are Alpaca tasks whose answers read alike whoever the persona is, so at "
+                  f"{a.attribution_n} answers per persona it does not separate the methods; KL is the measure to read.", ""]
     head = "| method | " + " | ".join(f"persona KL @{s} | general KL @{s}" for s in sparsities) + \
         " | persona NLL @" + str(sparsities[0]) + " | attribution @" + str(sparsities[0]) + " |"
     lines += [head, "|" + "---|" * (3 + 2 * len(sparsities))]

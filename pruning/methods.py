@@ -34,6 +34,9 @@ class PruneContext:
     base_id: str | None = None                # identifies the base weights in cache keys (sha256)
     stage: Callable[[str], None] = lambda name: None  # the method's current stage, for progress reports
     info: dict = field(default_factory=dict)  # what a method reports back (goes into the manifest)
+    # what a method may return beside its scores: a multiplier per FFN channel and layer (all C),
+    # folded into down_proj's kept columns at export (persona-pruner's `channel_scales`)
+    channel_scales: list[torch.Tensor] | None = None
 
     @property
     def chat_system(self) -> str:
