@@ -5,14 +5,15 @@
 
 Needs the default profile's synthetic set of each persona in the benchmark cache (run quality.py
 or scale_probe.py first). `w` is the Fisher weight of the act-fisher init; `"train_kl": true` also
-scores each snapshot's hard mask on the whole training set. Prints PROBE json lines;
+scores each snapshot's hard mask on the whole training set; with `"cfg": {"scale_steps": N}` the
+mask is fixed after `steps` and the snapshots from then on are the scaled masks. Prints PROBE json lines;
 results are in docs/quality_experiments.md.
 """
 import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import WORK, evaluators, persona_context, score_kl, setup
+from probe_common import WORK, evaluators, persona_context, score_kl, score_masks, setup
 from pruning.batching import make_examples, common_prefix_len
 from pruning.export import keep_count
 
@@ -53,15 +54,21 @@ if __name__ == "__main__":
                     tr = MaskTrainer(work, tok, ex, k, cfg, init_scores=list(init), dense=dense)
                     t1 = time.time()
                     for st in range(max(v["snap"]) + 1):
+                        if cfg.scale_steps and st == cfg.steps:
+                            tr.fix_mask()
                         if st in v["snap"]:
                             # KL on the whole training set under this hard mask: what the mask can fit
-                            tk = (masked_losses(work, tok, ex, list(tr.sc.hard()), P, dense=dense)["kl"]
+                            eff = tr.sc.effective()
+                            tk = (masked_losses(work, tok, ex, list(eff), P, dense=dense)["kl"]
                                   if v.get("train_kl") else None)
-                            snaps.append((v, st, tr.scores.detach().clone(), round(time.time() - t1), tk))
+                            snaps.append((v, st, eff.clone() if tr.sc.scale is not None else tr.scores.detach().clone(),
+                                          round(time.time() - t1), tk))
                         if st < max(v["snap"]):
                             tr.step()
         for v, st, sc, sec, tk in snaps:
-            kl = score_kl(model, evp, evg, list(sc), k)
+            # in the scale phase the snapshot is the effective (scaled) mask itself
+            kl = (score_masks(evp, evg, list(sc)) if (sc == 0).sum() > 0
+                  else score_kl(model, evp, evg, list(sc), k))
             print("PROBE", json.dumps({"tag": tag, "persona": u, "v": v, "step": st,
                   **kl, "sec": sec,
                   "train_kl": None if tk is None else round(tk, 4)}), flush=True)

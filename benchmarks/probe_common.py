@@ -46,7 +46,13 @@ def persona_context(sp, sparsity: float, options: dict) -> PruneContext:
                         options=options, cache_dir=WORK / "cache")
 
 
+def score_masks(evp, evg, masks) -> dict:
+    """Persona and general KL under per-layer channel multipliers (0/1 masks, or scaled ones)."""
+    masks = [m.float() for m in masks]
+    return {"persona_kl": round(evp.score(masks)["kl_to_dense"], 4),
+            "general_kl": round(evg.score(masks)["kl_to_dense"], 4)}
+
+
 def score_kl(model, evp, evg, scores, k: int) -> dict:
     """Persona and general KL of the per-layer top-k of `scores`."""
-    m = kept_masks(model, select_kept(list(scores), k))
-    return {"persona_kl": round(evp.score(m)["kl_to_dense"], 4), "general_kl": round(evg.score(m)["kl_to_dense"], 4)}
+    return score_masks(evp, evg, kept_masks(model, select_kept(list(scores), k)))

@@ -1,8 +1,10 @@
 """One export path for every method: structural FFN pruning to a HF checkpoint.
 
 A pruned NPC is fully described by its kept channel indices per layer (the
-compact form, a few KB); `materialize` rebuilds the identical weights from the
-base checkpoint, and `export_checkpoint` writes a standard HF directory vLLM loads.
+compact form, a few KB), plus a scale per kept channel when the method learned
+them (folded into down_proj's columns); `materialize` rebuilds the identical
+weights from the base checkpoint, and `export_checkpoint` writes a standard HF
+directory vLLM loads.
 """
 
 from __future__ import annotations
@@ -70,6 +72,35 @@ def prune_inplace(model, kept: list[torch.Tensor]) -> None:
     model.config.intermediate_size = sizes.pop()
 
 
+def kept_scales(scales: list[torch.Tensor] | None, kept: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The scales of the kept channels, per layer in kept order (None: no scales)."""
+    if scales is None:
+        return None
+    return [s.float().cpu().index_select(0, idx.cpu()) for s, idx in zip(scales, kept)]
+
+
+def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """down_proj weight (H, k) with column j times scale[j], computed in fp32, in w's dtype."""
+    return (w.float() * scale.float().to(w.device)[None, :]).to(w.dtype)
+
+
+@torch.no_grad()
+def fold_scales(model, kept: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+    """Multiply the kept down_proj columns of the dense model by their scales (in place)."""
+    for b, idx, sc in zip(ffn_blocks(model), kept, scales):
+        w = b.down_proj.weight
+        i = idx.to(w.device)
+        w[:, i] = scaled_columns(w[:, i], sc)
+
+
+def scales_to_json(scales: list[torch.Tensor] | None) -> list[list[float]] | None:
+    return None if scales is None else [[float(x) for x in s] for s in scales]
+
+
+def scales_from_json(rows: list[list[float]] | None) -> list[torch.Tensor] | None:
+    return None if rows is None else [torch.tensor(r, dtype=torch.float32) for r in rows]
+
+
 @torch.no_grad()
 def zero_dropped(model, kept: list[torch.Tensor]) -> None:
     """The masked dense model: dropped channels' down columns set to zero."""
@@ -107,10 +138,12 @@ def kept_from_json(rows: list[list[int]]) -> list[torch.Tensor]:
 
 
 def materialize(base_dir: Path, kept: list[torch.Tensor] | None,
-                dropped_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+                dropped_layers: list[int] | None = None,
+                scales: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The pruned state dict from the base's safetensors by index-select (no model build).
 
-    `kept` indexes the layers that remain after `dropped_layers` (None: every channel kept)."""
+    `kept` indexes the layers that remain after `dropped_layers` (None: every channel kept);
+    `scales` (per layer, kept order) multiply the kept down_proj columns."""
     from safetensors import safe_open
 
     drop = sorted(set(dropped_layers or []))
@@ -132,6 +165,8 @@ def materialize(base_dir: Path, kept: list[torch.Tensor] | None,
                     t = t.index_select(0, kept[layer])
                 elif layer is not None and ".mlp.down_proj.weight" in name:
                     t = t.index_select(1, kept[layer])
+                    if scales is not None:
+                        t = scaled_columns(t, scales[layer])
                 out[name] = t.contiguous()
     return out
 
@@ -175,11 +210,14 @@ def export_checkpoint(
     extra: dict | None = None,
     dtype: torch.dtype | None = None,
     dropped_layers: list[int] | None = None,
+    scales: list[torch.Tensor] | None = None,
 ) -> Path:
     """Prune `model` in place and write HF safetensors + config + manifest atomically.
 
     Channel pruning keeps `kept` per layer; depth pruning drops `dropped_layers` (then
-    `kept` may be None: the remaining blocks keep every channel)."""
+    `kept` may be None: the remaining blocks keep every channel). `scales` (per layer, kept
+    order) are recorded for the compact form; the caller has folded them into `model`
+    already (`fold_scales`), so that what it evaluates or recovers is what is exported."""
     base_dir = Path(base_dir)
     dense_size = model.config.intermediate_size
     dense_layers = model.config.num_hidden_layers
@@ -202,6 +240,7 @@ def export_checkpoint(
             "dense_intermediate_size": dense_size,
             "intermediate_size": model.config.intermediate_size,
             "kept_indices": kept_to_json(kept) if kept is not None else None,
+            "channel_scales": scales_to_json(scales),
             "dense_num_hidden_layers": dense_layers,
             "num_hidden_layers": model.config.num_hidden_layers,
             "dropped_layers": sorted(dropped_layers or []),

@@ -7,10 +7,12 @@
 2. rewriting    (pruning/synth.py): the teacher (default: the base model) answers them with the
    persona as the system prompt; the set is cached as JSONL keyed by everything that shapes it;
 3. mask learning (pruning/masklearn.py): a per-layer top-k channel mask trained through a
-   straight-through estimator to keep the masked model's answers close to the teacher's.
+   straight-through estimator to keep the masked model's answers close to the teacher's, then
+   (``scale_steps``) a scale per kept channel learned on the same loss with the mask fixed.
 
 The returned scores are the learned real-valued scores, so export's per-layer top-k is the
-learned mask. Options come from `ctx.options` on top of a profile (`fast`, `default`,
+learned mask; the scales go back through ``ctx.channel_scales`` and export folds them into
+down_proj. Options come from `ctx.options` on top of a profile (`fast`, `default`,
 `thorough`); see `OPTIONS`.
 """
 
@@ -129,7 +131,26 @@ def resolve_options(ctx: PruneContext) -> dict:
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
            "log_every": 0, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
+    _check_counts(out)
     return out
+
+
+# the data options a caller may set, and their bounds (None allowed where the profile uses it)
+_COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references": (1, 1000),
+           "max_new_tokens": (1, 1024), "gen_batch_size": (1, 256), "sens_batch_size": (1, 1024),
+           "n_anchor": (0, 1024)}
+
+
+def _check_counts(opts: dict) -> None:
+    for name, (lo, hi) in _COUNTS.items():
+        v = opts.get(name)
+        if v is None and name in ("pool_size", "n_references"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise PruneError(f"option {name} must be a whole number in [{lo}, {hi}], got {v!r}")
+    t = opts.get("teacher_temperature")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2:
+        raise PruneError(f"option teacher_temperature must be a number in [0, 2], got {t!r}")
 
 
 def _digest(items: list[str]) -> str:
@@ -222,6 +243,9 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     info.update(profile=opts["profile"], variant=cfg.variant, steps=cfg.steps, examples=len(examples),
                 learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),
                 loss_first=round(h[0]["loss"], 4) if h else None, loss_last=round(h[-1]["loss"], 4) if h else None)
+    if res.scales is not None:
+        ctx.channel_scales = [x.float().cpu() for x in res.scales]
+        info["scale_steps"] = cfg.scale_steps
     ctx.info.update({"persona_pruner": info})
     ctx.progress(1.0)
     return [s.float().cpu() for s in res.scores]

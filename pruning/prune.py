@@ -11,7 +11,7 @@ import torch
 
 from pruning import PruneError
 from pruning.datasets import calibration_prompts
-from pruning.export import export_checkpoint, keep_count, select_kept
+from pruning.export import export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
 from pruning.methods import PruneContext, get_method
 from pruning.model_io import intermediate_sizes, load_model
 
@@ -41,6 +41,13 @@ def check_options(method: str, options: dict) -> None:
     unknown = set(options) - OPTIONS - RECOVERY_OPTIONS
     if unknown:
         raise PruneError(f"unknown options for {method}: {', '.join(sorted(unknown))}")
+    if "recover" in options and not isinstance(options["recover"], bool):
+        raise PruneError(f"option recover must be true or false, got {options['recover']!r}")
+    for name, kinds, lo, hi in (("lora_steps", (int,), 1, 5000), ("lora_rank", (int,), 1, 256),
+                                ("lora_lr", (int, float), 0, 1)):
+        v = options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi):
+            raise PruneError(f"option {name} must be a number in [{lo}, {hi}], got {v!r}")
 
 
 def prune(
@@ -109,6 +116,9 @@ def prune(
         ctx.info["layer_scores"] = [round(float(x), 6) for x in scores]
     else:
         kept = select_kept(scores, k)
+    scales = kept_scales(ctx.channel_scales, kept) if kept is not None else None
+    if scales is not None:  # before recovery, which trains the model that is exported
+        fold_scales(model, kept, scales)
     extra = {"seed": seed, **({"system_prompt": system_prompt} if system_prompt else {}), **ctx.info}
     if recover:
         if dropped:  # recovery trains the depth-pruned model, so the blocks go first
@@ -120,7 +130,7 @@ def prune(
     out = export_checkpoint(
         model, tok, kept, Path(out_dir),
         base_dir=Path(base_dir), method=method, sparsity=sparsity, persona=persona,
-        extra=extra, dtype=torch.bfloat16, dropped_layers=dropped,
+        extra=extra, dtype=torch.bfloat16, dropped_layers=dropped, scales=scales,
     )
     progress(1.0, "done")
     return {"out": str(out), "kept_per_layer": k if kept is not None else dense, "dense_intermediate_size": dense,

@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 from service import metrics
 from service.errors import ApiError
@@ -71,7 +72,9 @@ class NpcWeights:
     key: tuple
     base_label: str = ""
     base_dir: str | None = None  # compact form: the base checkpoint and the kept FFN channels
-    kept: list[list[int]] | None = None
+    # per layer, shared with the verified-checkpoint cache (int arrays): lists only at a swap
+    kept: Sequence[Sequence[int]] | None = None
+    scales: Sequence[Sequence[float]] | None = None  # per kept channel, folded into down_proj
     mask: bool = False  # the base, for a mask engine
 
     @property
@@ -424,7 +427,8 @@ class EnginePool:
             await eng.pause_generation(mode="wait", clear_cache=True)
             try:
                 if w.compact:
-                    await eng.collective_rpc("npc_swap_compact", args=(w.base_dir, w.kept))
+                    scales = None if w.scales is None else [list(x) for x in w.scales]
+                    await eng.collective_rpc("npc_swap_compact", args=(w.base_dir, [list(k) for k in w.kept], scales))
                 else:
                     await eng.collective_rpc("npc_swap_dir", args=(str(w.ckpt),))
                 await eng.reset_prefix_cache()
@@ -494,7 +498,7 @@ class EnginePool:
             cfg = _base_config(w.base_dir)
             out = self.settings.data / "masks" / f"{w.npc_id}-{hashlib.sha1(str(w.ckpt).encode()).hexdigest()[:10]}"
             await asyncio.to_thread(write_mask_adapter, out, w.kept, cfg["intermediate_size"],
-                                    cfg["hidden_size"], w.base_dir)
+                                    cfg["hidden_size"], w.base_dir, w.scales)
             path = self._adapters[k] = str(out)
         return LoRARequest(w.npc_id, self._lora_id(w.npc_id), path)
 

@@ -49,8 +49,13 @@ def _verified(stat_key: tuple, mixed: bool = False) -> tuple[dict, dict, tuple |
         return (".safetensors",) if mixed and _has_compact_form(m) and _base_for(m) else ()
 
     manifest = verify_checkpoint(ckpt, skip)
-    compact = tuple(array("i", k) for k in manifest["kept_indices"]) if _has_compact_form(manifest) else None
+    compact = None
+    if _has_compact_form(manifest):
+        scales = manifest.get("channel_scales")
+        compact = (tuple(array("i", k) for k in manifest["kept_indices"]),
+                   None if scales is None else tuple(array("f", x) for x in scales))
     manifest.pop("kept_indices", None)
+    manifest.pop("channel_scales", None)
     config = json.loads((ckpt / "config.json").read_text())
     return manifest, config, compact
 
@@ -78,7 +83,7 @@ def npc_weights(npc_id: str, ckpt: Path, manifest: dict, config: dict, compact) 
     base = _base_for(manifest) if compact else None
     return NpcWeights(npc_id=npc_id, ckpt=Path(ckpt), key=shape_key(manifest, config),
                       base_label=manifest.get("base_sha256", "")[:12], base_dir=base,
-                      kept=[list(k) for k in compact] if base else None)
+                      kept=compact[0] if base else None, scales=compact[1] if base else None)
 
 
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")

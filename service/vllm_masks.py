@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -27,9 +28,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def write_mask_adapter(out_dir: Path, kept: list[list[int]], intermediate: int, hidden: int,
-                       base_dir: str) -> Path:
-    """A PEFT-format adapter directory holding an NPC's channel masks (a few hundred KB)."""
+def write_mask_adapter(out_dir: Path, kept: Sequence[Sequence[int]], intermediate: int, hidden: int,
+                       base_dir: str, scales: Sequence[Sequence[float]] | None = None) -> Path:
+    """A PEFT-format adapter directory holding an NPC's channel masks (a few hundred KB).
+
+    With `scales` the mask holds each kept channel's scale instead of 1 (the exported model
+    folds the same scales into down_proj)."""
     from safetensors.torch import save_file
 
     from pruning.export import write_atomic_dir
@@ -37,7 +41,8 @@ def write_mask_adapter(out_dir: Path, kept: list[list[int]], intermediate: int, 
     tensors = {}
     for i, idx in enumerate(kept):
         m = torch.zeros(1, intermediate, dtype=torch.bfloat16)
-        m[0, torch.tensor(idx, dtype=torch.long)] = 1
+        m[0, torch.tensor(list(idx), dtype=torch.long)] = (
+            1 if scales is None else torch.tensor(list(scales[i]), dtype=torch.float32).to(torch.bfloat16))
         tensors[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_A.weight"] = m
         tensors[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_B.weight"] = \
             torch.zeros(hidden, 1, dtype=torch.bfloat16)

@@ -101,11 +101,15 @@ class NpcSwapWorker:
         if head is not None and qm is not None and getattr(model.config, "tie_word_embeddings", False):
             qm.process_weights_after_loading(head)
 
-    def npc_swap_compact(self, base_dir: str, kept: list[list[int]]) -> dict:
-        """Load base weights with only the kept FFN channels; returns timings."""
+    def npc_swap_compact(self, base_dir: str, kept: list[list[int]],
+                         scales: list[list[float]] | None = None) -> dict:
+        """Load base weights with only the kept FFN channels (down columns times `scales`)."""
+        from pruning.export import scaled_columns
+
         t0 = time.perf_counter()
         base = self._npc_base_tensors(base_dir)
         idx = [torch.tensor(k, dtype=torch.long) for k in kept]
+        sc = None if scales is None else [torch.tensor(x, dtype=torch.float32) for x in scales]
         clean = getattr(self, "_npc_base_clean", False)
 
         def weights():
@@ -114,7 +118,8 @@ class NpcSwapWorker:
                 if layer is not None and name.endswith(_FFN_ROWS):
                     yield name, t.index_select(0, idx[layer])
                 elif layer is not None and name.endswith(_FFN_COLS):
-                    yield name, t.index_select(1, idx[layer])
+                    cols = t.index_select(1, idx[layer])
+                    yield name, cols if sc is None else scaled_columns(cols, sc[layer])
                 elif not clean:  # after a foreign checkpoint: restore the base's other weights too
                     yield name, t
 

@@ -34,8 +34,9 @@ def _chat(server, npc_id: str, question: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def _fresh_engine_output(rec: dict, question: str) -> str:
-    """Greedy output of a brand-new vLLM engine on this NPC's checkpoint, same prompt tokens."""
+def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0):
+    """Greedy output of a brand-new vLLM engine on this NPC's checkpoint, same prompt tokens
+    (with `top_logprobs`: the first token's top logprobs instead, {token text: logprob})."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
@@ -47,8 +48,12 @@ def _fresh_engine_output(rec: dict, question: str) -> str:
         if __name__ == "__main__":
             llm = LLM(model={rec['checkpoint']!r}, enforce_eager=True, dtype="bfloat16", max_model_len=2048,
                       kv_cache_memory_bytes={256 << 20}, seed=0)
-            out = llm.generate([{{"prompt_token_ids": {ids!r}}}], SamplingParams(temperature=0, max_tokens=24))
-            print("RESULT" + json.dumps(out[0].outputs[0].text))
+            sp = SamplingParams(temperature=0, max_tokens=1 if {top_logprobs} else 24, logprobs={top_logprobs} or None)
+            out = llm.generate([{{"prompt_token_ids": {ids!r}}}], sp)[0].outputs[0]
+            if {top_logprobs}:
+                print("RESULT" + json.dumps({{lp.decoded_token: lp.logprob for lp in out.logprobs[0].values()}}))
+            else:
+                print("RESULT" + json.dumps(out.text))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]

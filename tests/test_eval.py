@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_judge_protocol_against_our_server(server, npc_a):
     assert res["judge"] is None or 0 <= res["judge"] <= 100
 
 
-def test_service_runs_persona_pruner_and_records_metrics(server):
+def test_service_runs_persona_pruner_and_records_metrics(server, npc_a):
     """The product default is persona-pruner (the shared test server overrides it to stay fast)."""
     import httpx
 
@@ -151,8 +152,21 @@ def test_service_runs_persona_pruner_and_records_metrics(server):
     m = rec["metrics"]
     assert m["persona"]["kl_to_dense"] > 0 and m["general"]["kl_to_dense"] > 0
     assert 0 <= m["persona"]["attribution"] <= 1 and 0.8 < m["params_ratio"] < 0.9
+    # its learned channel scales reach the served weights: swapped in from the compact form (base,
+    # kept indices, scales) it answers exactly as a fresh engine of its exported checkpoint
+    from tests.test_engines import _chat, _checkpoint, _fresh_engine_output
+
+    ckpt = _checkpoint(server, rec)
+    assert json.loads((Path(ckpt) / "manifest.json").read_text())["channel_scales"]
+    q = "\nWhat do you keep in your sea chest?"
+    _chat(server, npc_a["id"], q)  # the engine now holds another NPC
+    got = _chat(server, rec["id"], q)
+    assert httpx.get(server.url + "/v1/engines").json()["data"][0]["last_swap"]["mode"] == "compact"
+    assert got == _fresh_engine_output(rec | {"checkpoint": ckpt}, q)
     for bad, param in (({"bogus": 1}, "options"), ({"profile": "huge"}, "options"),
-                       ({"teacher_url": "http://169.254.169.254/"}, "options")):
+                       ({"teacher_url": "http://169.254.169.254/"}, "options"),
+                       ({"steps": "many"}, "steps"), ({"scale_steps": 10**6}, "scale_steps"),
+                       ({"n_instructions": -1}, "n_instructions"), ({"lora_steps": 10**9}, "lora_steps")):
         r = httpx.post(server.url + "/v1/npcs", json={"name": "X", "persona": "a pirate", "options": bad},
                        headers=server.headers, timeout=30)
         assert r.status_code == 400 and param in json.dumps(r.json()["error"]), r.text

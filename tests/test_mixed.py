@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -166,3 +168,22 @@ def test_bad_keep_alive_at_creation_is_a_400(mixed):
     srv, _ = mixed
     r = httpx.post(srv.url + "/v1/npcs", json={"name": "X", "persona": "a cat", "keep_alive": "soon"}, timeout=30)
     assert r.status_code == 400 and "keep_alive" in r.text
+
+
+def test_channel_scales_ride_the_mask(mixed):
+    """A persona-pruner NPC learns a scale per kept channel: the mixed engine multiplies it in with
+    the mask (bf16) and answers like a fresh engine of the exported checkpoint, which folds it
+    into down_proj."""
+    srv, _ = mixed
+    rec = srv.create_npc("Rook II", PERSONA_A, sparsity=0.25, method="persona-pruner",
+                         options={"profile": "fast", "scale_lr": 0.05})
+    rec = srv.wait_ready(rec["id"], timeout=900)
+    ckpt = _checkpoint(srv, rec)
+    scales = json.loads((Path(ckpt) / "manifest.json").read_text())["channel_scales"]
+    assert max(abs(x - 1) for layer in scales for x in layer) > 0.05
+    r = _chat(srv, rec["id"], LONG + Q, logprobs=True, top_logprobs=5, max_tokens=1)
+    assert r.status_code == 200 and _engines(srv)[0]["mode"] == "mixed"
+    want = _fresh_engine_output(rec | {"checkpoint": ckpt}, Q, top_logprobs=5)
+    # same top token; logprobs within 0.2 nats: the engines' logits are bf16, whose steps are 0.125
+    # at these magnitudes, and the mask rounds x * scale where the checkpoint rounds W * scale
+    assert _gap(_first_token_logprobs(r), want) < 0.2, (_first_token_logprobs(r), want)

@@ -103,6 +103,44 @@ def test_trainers_share_one_dense_pass(dense, examples):
             MaskTrainer(model, tok, examples[:4], K, cfg, dense=first.dense)
 
 
+def test_scale_phase_learns_only_the_kept_channels_scales(dense, examples):
+    """`scale_steps`: after the mask's steps the mask is fixed and a scale per channel (init 1: the
+    same loss) learns; kept channels' scales move, dropped ones' stay 1; scores and weights stay."""
+    model, tok = dense
+    L = model.config.num_hidden_layers
+    init = [torch.randn(1536, generator=torch.Generator().manual_seed(i)) for i in range(L)]
+    cfg = MaskLearnConfig(steps=1, batch_size=4, scale_steps=1, scale_lr=0.05)
+    with frozen(model):
+        tr = MaskTrainer(model, tok, examples[:4], K, cfg, init_scores=init)
+        tr.step()
+        before_loss = float(tr.loss(0)[0].detach())
+        scores, kept = tr.scores.detach().clone(), tr.sc.hard().bool()
+        tr.fix_mask()
+        assert float(tr.loss(0)[0].detach()) == pytest.approx(before_loss, rel=1e-6)
+        tr.step()
+        assert all(p.grad is None for p in model.parameters())
+        assert torch.equal(tr.scores.detach(), scores) and torch.equal(tr.sc.hard().bool(), kept)
+        sc = tr.sc.scale.detach()
+        assert (sc[~kept] == 1).all()
+        assert (sc[kept] != 1).float().mean() > 0.9
+        assert torch.equal(tr.sc.effective(), tr.sc.hard() * sc)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"steps": "many"}, "steps must be a number"), ({"steps": 10**7}, r"steps must be in \[0, 5000\]"),
+    ({"lr": float("nan")}, "lr must be a number"), ({"prefix_grad": "yes"}, "prefix_grad must be true or false"),
+    ({"scale_steps": True}, "scale_steps must be a number"), ({"init": "bogus"}, "unknown init"),
+    ({"n_instructions": 10**6}, "n_instructions must be a whole number"),
+    ({"teacher_temperature": -1}, "teacher_temperature"),
+])
+def test_bad_option_values_fail_before_any_work(bad, msg):
+    from pruning.persona_pruner import LEARN_KEYS
+
+    with pytest.raises(PruneError, match=msg):
+        opts = resolve_options(PruneContext(persona="-", options=bad))
+        config_for(opts["profile"], **{k: opts[k] for k in LEARN_KEYS if k in opts})
+
+
 def test_teacher_backend_auto(dense, monkeypatch):
     from pruning import vllm_gen
     from pruning.synth import AUTO_VLLM_MIN, resolve_backend
@@ -174,8 +212,8 @@ def test_fast_mask_learning_lowers_training_loss(dense, examples):
 
 def test_prune_with_persona_pruner_exports_a_loadable_checkpoint(base_dir, tmp_path, cache_dir, dense):
     progress = []
-    summary = prune(base_dir, PERSONA_A, 0.25, "persona-pruner", tmp_path / "npc",
-                    options={"profile": "fast"}, cache_dir=cache_dir,
+    summary = prune(base_dir, PERSONA_A, 0.25, "persona-pruner", tmp_path / "npc",  # the plain mask
+                    options={"profile": "fast", "scale_steps": 0}, cache_dir=cache_dir,
                     progress=lambda f, stage: progress.append((f, stage)))
     out = tmp_path / "npc"
     assert summary["kept_per_layer"] == K
@@ -201,6 +239,54 @@ def test_prune_with_persona_pruner_exports_a_loadable_checkpoint(base_dir, tmp_p
     by_model, by_mask = ev.score(model=pruned), ev.score(kept=kept)
     assert abs(by_model["kl_to_dense"] - by_mask["kl_to_dense"]) < 1e-3
     assert ev.score()["kl_to_dense"] < 1e-6  # dense vs itself
+
+
+def test_channel_scales_export_compact_form_and_mask_adapter(base_dir, tmp_path, cache_dir, dense):
+    """Learned scales are folded into down_proj: the checkpoint is the dense model under the scaled
+    mask, the compact form (indices + scales) rebuilds it exactly, and the serving mask carries them."""
+    from safetensors.torch import load_file
+
+    from pruning.export import kept_from_json, materialize, scales_from_json
+    from service.vllm_masks import write_mask_adapter
+
+    prune(base_dir, PERSONA_A, 0.25, "persona-pruner", tmp_path / "npc", cache_dir=cache_dir,
+          options={"profile": "fast", "scale_lr": 0.05})  # the fast profile learns 4 scale steps
+    out = tmp_path / "npc"
+    manifest = read_manifest(out)
+    assert manifest["persona_pruner"]["scale_steps"] == 4
+    kept, scales = kept_from_json(manifest["kept_indices"]), scales_from_json(manifest["channel_scales"])
+    assert [len(s) for s in scales] == [K] * len(kept)
+    assert any((s != 1).any() for s in scales)
+    model, tok = dense
+    full = []
+    for idx, sc in zip(kept, scales):
+        m = torch.zeros(1536)
+        m[idx] = sc
+        full.append(m)
+    pruned, _ = load_model(out, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Ahoy, who are you?"}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), channel_mask(model, full):
+        want = model(ids).logits
+    with torch.no_grad():
+        got = pruned(ids).logits
+    # bf16 export: the scaled columns round once more than the fp32 mask does
+    assert (want - got).abs().max() / want.abs().max() < 2e-2
+    with torch.no_grad(), channel_mask(model, kept_masks(model, kept)):
+        unscaled = model(ids).logits
+    assert (want - got).abs().max() < (unscaled - got).abs().max()
+    exported = {}
+    for f in out.glob("*.safetensors"):
+        exported.update(load_file(f))
+    rebuilt = materialize(base_dir, kept, scales=scales)
+    for name, t in rebuilt.items():
+        if name in exported:
+            assert torch.equal(t, exported[name]), name
+    adapter = write_mask_adapter(tmp_path / "mask", manifest["kept_indices"], 1536, 576, str(base_dir),
+                                 manifest["channel_scales"])
+    a = load_file(adapter / "adapter_model.safetensors")["base_model.model.model.layers.3.mlp.down_proj.lora_A.weight"]
+    assert torch.equal(a[0, kept[3]], scales[3].to(torch.bfloat16))
+    assert int((a != 0).sum()) == K
 
 
 def test_long_persona_prompts_keep_their_answers(base_dir):
