@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pruning import PruneError
+from pruning import PruneError, check_number
 from pruning.batching import (Example, channel_mask, common_prefix_len, forward_suffixes, kept_masks,
                               length_batches, pad_id_of, prefix_kv, scored_positions)
 from pruning.model_io import ffn_blocks
@@ -75,13 +75,9 @@ class MaskLearnConfig:
 
     def __post_init__(self):  # a bad option fails before any data is built (and is a 400 in the API)
         for f in fields(self):
-            v, lo_hi = getattr(self, f.name), _RANGES.get(f.name)
+            v = getattr(self, f.name)
             if f.type in ("int", "float"):
-                kinds = (int,) if f.type == "int" else (int, float)
-                if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-                    raise PruneError(f"option {f.name} must be a number ({f.type}), got {v!r}")
-                if lo_hi and not lo_hi[0] <= v <= lo_hi[1]:
-                    raise PruneError(f"option {f.name} must be in [{lo_hi[0]}, {lo_hi[1]}], got {v}")
+                check_number(f.name, v, *_RANGES.get(f.name, (-math.inf, math.inf)), integer=f.type == "int")
             elif f.type == "bool" and not isinstance(v, bool):
                 raise PruneError(f"option {f.name} must be true or false, got {v!r}")
         for name, allowed in (("variant", VARIANTS), ("ste_grad", ("identity", "sigmoid")), ("init", INITS),

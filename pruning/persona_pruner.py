@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pruning import PruneError
+from pruning import PruneError, check_number
 from pruning.batching import make_examples
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.masklearn import MaskLearnConfig, config_for, learn_scores, profile
@@ -143,14 +143,9 @@ _COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references
 
 def _check_counts(opts: dict) -> None:
     for name, (lo, hi) in _COUNTS.items():
-        v = opts.get(name)
-        if v is None and name in ("pool_size", "n_references"):
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise PruneError(f"option {name} must be a whole number in [{lo}, {hi}], got {v!r}")
-    t = opts.get("teacher_temperature")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2:
-        raise PruneError(f"option teacher_temperature must be a number in [0, 2], got {t!r}")
+        if opts.get(name) is not None or name not in ("pool_size", "n_references"):
+            check_number(name, opts.get(name), lo, hi, integer=True)
+    check_number("teacher_temperature", opts.get("teacher_temperature"), 0, 2)
 
 
 def _digest(items: list[str]) -> str:

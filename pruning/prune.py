@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from pruning import PruneError
+from pruning import PruneError, check_number
 from pruning.datasets import calibration_prompts
 from pruning.export import export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
 from pruning.methods import PruneContext, get_method
@@ -43,11 +43,10 @@ def check_options(method: str, options: dict) -> None:
         raise PruneError(f"unknown options for {method}: {', '.join(sorted(unknown))}")
     if "recover" in options and not isinstance(options["recover"], bool):
         raise PruneError(f"option recover must be true or false, got {options['recover']!r}")
-    for name, kinds, lo, hi in (("lora_steps", (int,), 1, 5000), ("lora_rank", (int,), 1, 256),
-                                ("lora_lr", (int, float), 0, 1)):
-        v = options.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi):
-            raise PruneError(f"option {name} must be a number in [{lo}, {hi}], got {v!r}")
+    for name, lo, hi, integer in (("lora_steps", 1, 5000, True), ("lora_rank", 1, 256, True),
+                                  ("lora_lr", 0, 1, False)):
+        if options.get(name) is not None:
+            check_number(name, options[name], lo, hi, integer=integer)
 
 
 def prune(
