@@ -135,6 +135,11 @@ def resolve_options(ctx: PruneContext) -> dict:
     return out
 
 
+def learn_config(opts: dict, seed: int = 0) -> MaskLearnConfig:
+    """The mask-learning config of resolved options: the profile's, with the caller's knobs."""
+    return config_for(opts["profile"], **{key: opts[key] for key in LEARN_KEYS if key in opts}, seed=seed)
+
+
 # the data options a caller may set, and their bounds (None allowed where the profile uses it)
 _COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references": (1, 1000),
            "max_new_tokens": (1, 1024), "gen_batch_size": (1, 256), "sens_batch_size": (1, 1024),
@@ -223,7 +228,7 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     k = keep_count(sizes.pop(), ctx.sparsity if ctx.sparsity is not None else DEFAULT_SPARSITY)
     cache_dir = (Path(ctx.cache_dir) if ctx.cache_dir else default_cache_dir()) if opts["use_cache"] else None
     base_id = ctx.base_id or base_identity(model)
-    cfg = config_for(opts["profile"], **{key: opts[key] for key in LEARN_KEYS if key in opts}, seed=ctx.seed)
+    cfg = learn_config(opts, ctx.seed)
     device = next(model.parameters()).device
     with in_precision(model, compute_dtype(opts["compute_dtype"], device)) as work:
         rows, info = build_dataset(work, tok, ctx, opts, base_id, cache_dir,

@@ -68,16 +68,14 @@ class NpcCreate(BaseModel):
         if v.get("profile") not in (None, "fast", "default", "thorough"):
             raise ValueError(f"unknown profile {v['profile']!r}; choose fast, default or thorough")
         from pruning import PruneError
-        from pruning.masklearn import config_for
         from pruning.methods import PruneContext
-        from pruning.persona_pruner import LEARN_KEYS, resolve_options
+        from pruning.persona_pruner import learn_config, resolve_options
         from pruning.prune import check_options
 
         try:  # values too (types, ranges): a bad one is a 400 now, not a failed job later
             check_options("persona-pruner", v)
             method_opts = {k: x for k, x in v.items() if k not in RECOVERY_OPTIONS}
-            opts = resolve_options(PruneContext(persona="-", options=method_opts))
-            config_for(opts["profile"], **{k: opts[k] for k in LEARN_KEYS if k in opts})
+            learn_config(resolve_options(PruneContext(persona="-", options=method_opts)))
         except PruneError as e:
             raise ValueError(str(e)) from None
         if len(json.dumps(v, default=str)) > 4096:

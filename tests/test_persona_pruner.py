@@ -134,11 +134,10 @@ def test_scale_phase_learns_only_the_kept_channels_scales(dense, examples):
     ({"teacher_temperature": -1}, "teacher_temperature"),
 ])
 def test_bad_option_values_fail_before_any_work(bad, msg):
-    from pruning.persona_pruner import LEARN_KEYS
+    from pruning.persona_pruner import learn_config
 
     with pytest.raises(PruneError, match=msg):
-        opts = resolve_options(PruneContext(persona="-", options=bad))
-        config_for(opts["profile"], **{k: opts[k] for k in LEARN_KEYS if k in opts})
+        learn_config(resolve_options(PruneContext(persona="-", options=bad)))
 
 
 def test_teacher_backend_auto(dense, monkeypatch):
