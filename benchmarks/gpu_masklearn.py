@@ -1,13 +1,14 @@
 """Mask learning and export on a Llama-3.2-3B-shaped model with random weights (GPU workers).
 
-    python benchmarks/gpu_masklearn.py --device cuda [--shape llama-3.2-3b] [--steps 8] [--out DIR]
+    python benchmarks/gpu_masklearn.py --device cuda [--shape llama-3.2-3b] [--out DIR]
     python benchmarks/gpu_masklearn.py --device cpu --shape tiny      # smoke test of the script
 
 No weights can reach a GPU test machine, so the model is random with the real shapes; token ids
 are random too. What it times is what a GPU worker runs for one persona: the dense pass (KL
-targets + activation norms), the Fisher initialisation, mask-learning steps, and the export
-(structural prune + safetensors write + manifest digests), then it checks that the compact
-form (kept indices) materialises to the exported tensors. Prints one JSON object.
+targets + activation norms), the Fisher initialisation, the default profile's mask-learning
+steps and then its per-channel scale steps on the fixed mask, and the export (scales folded
+into down_proj, structural prune, safetensors write, manifest digests); then it checks that the
+compact form (kept indices + scales) materialises to the exported tensors. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pruning.batching import Example  # noqa: E402
-from pruning.export import export_checkpoint, keep_count, materialize, select_kept  # noqa: E402
-from pruning.masklearn import MaskTrainer, config_for, frozen  # noqa: E402
+from pruning.export import (export_checkpoint, fold_scales, keep_count, kept_scales, materialize,  # noqa: E402
+                            select_kept)
+from pruning.masklearn import MaskTrainer, config_for, frozen, profile  # noqa: E402
 
 SHAPES = {
     # Llama-3.2-3B: hidden 3072, FFN 8192, 28 layers, 24 heads / 8 KV heads, vocab 128256
@@ -59,12 +61,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama-3.2-3b", choices=sorted(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.25)
-    ap.add_argument("--examples", type=int, default=32, help="the default profile's 32 instructions")
-    ap.add_argument("--batch-size", type=int, default=8)
+    default = profile("default")
+    ap.add_argument("--examples", type=int, default=default["n_instructions"],
+                    help="training examples (default: the default profile's instructions)")
+    ap.add_argument("--batch-size", type=int, default=default["learn"]["batch_size"])
     ap.add_argument("--prompt", type=int, default=160, help="shared system-prompt tokens")
     ap.add_argument("--question", type=int, default=24)
     ap.add_argument("--answer", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=default["learn"]["steps"], help="mask steps")
+    ap.add_argument("--scale-steps", type=int, default=default["learn"]["scale_steps"],
+                    help="per-channel scale steps on the fixed mask")
     ap.add_argument("--out", default=None, help="folder for the JSON result")
     a = ap.parse_args(argv)
     dev = a.device
@@ -92,7 +98,7 @@ def main(argv=None):
         ans = torch.randint(1, V, (a.answer - (i % 16),), generator=g).tolist()  # varied lengths
         examples.append(Example(prefix + q + ans, len(prefix) + len(q)))
     k = keep_count(cfg.intermediate_size, a.sparsity)
-    mcfg = config_for("default", steps=a.steps, batch_size=a.batch_size)
+    mcfg = config_for("default", steps=a.steps, scale_steps=a.scale_steps, batch_size=a.batch_size)
     tok = _Tok()
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -101,21 +107,28 @@ def main(argv=None):
         tr = MaskTrainer(model, tok, examples, k, mcfg)
         sync(dev)
         res["dense_pass_and_fisher_init_s"] = round(time.time() - t, 2)
-        steps = []
-        for _ in range(a.steps):
-            t = time.time()
-            rec = tr.step()
-            sync(dev)
-            steps.append(time.time() - t)
-        res["step_s"] = [round(x, 3) for x in steps]
-        warm = steps[1:] or steps
-        res["step_s_median_after_first"] = round(sorted(warm)[len(warm) // 2], 3)
-        res["last_loss"] = rec["loss"]
-        res["swapped_channels"] = tr.swapped()
+        for phase, n in (("mask", a.steps), ("scale", a.scale_steps)):
+            if phase == "scale":
+                res["swapped_channels"] = tr.swapped()
+                tr.fix_mask()
+            steps = []
+            for _ in range(n):
+                t = time.time()
+                rec = tr.step()
+                sync(dev)
+                steps.append(time.time() - t)
+            if not steps:
+                continue
+            warm = steps[1:] or steps
+            res[f"{phase}_step_s"] = [round(x, 3) for x in steps]
+            res[f"{phase}_step_s_median_after_first"] = round(sorted(warm)[len(warm) // 2], 3)
+            res[f"{phase}_steps_total_s"] = round(sum(steps), 2)
+            res[f"{phase}_last_loss"] = rec["loss"]
     if dev.startswith("cuda"):
         res["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     kept = select_kept(list(tr.scores.detach()), k)
     assert all(len(x) == k for x in kept)
+    scales = kept_scales(None if tr.sc.scale is None else list(tr.sc.scale.detach()), kept)
     res["kept_per_layer"] = k
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -124,14 +137,18 @@ def main(argv=None):
         tok.save_pretrained(base)
         res["save_dense_s"] = round(time.time() - t, 2)
         t = time.time()
+        if scales is not None:
+            with torch.no_grad():
+                fold_scales(model, kept, scales)
         out = export_checkpoint(model, tok, kept, Path(tmp) / "npc", base_dir=base, method="persona-pruner",
-                                sparsity=a.sparsity, persona="random-weights benchmark")
+                                sparsity=a.sparsity, persona="random-weights benchmark", scales=scales)
         sync(dev)
         res["export_s"] = round(time.time() - t, 2)
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.iterdir())
-        res["compact_bytes"] = len(json.dumps(json.loads((out / "manifest.json").read_text())["kept_indices"]))
+        man = json.loads((out / "manifest.json").read_text())
+        res["compact_bytes"] = len(json.dumps(man["kept_indices"])) + len(json.dumps(man["channel_scales"]))
         t = time.time()
-        mat = materialize(base, kept)
+        mat = materialize(base, kept, scales=scales)
         res["materialize_s"] = round(time.time() - t, 2)
         saved = {}
         for f in sorted(out.glob("*.safetensors")):

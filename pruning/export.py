@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pruning import PruneError
@@ -93,8 +94,17 @@ def fold_scales(model, kept: list[torch.Tensor], scales: list[torch.Tensor]) -> 
         w[:, i] = scaled_columns(w[:, i], sc)
 
 
+def _short_floats(t: torch.Tensor) -> list[float]:
+    """Each float32 as the shortest decimal that reads back as the same float32 (half the JSON of
+    a double's repr); the rare one that would not survive the double-to-float32 step stays long."""
+    a = t.detach().float().cpu().numpy()
+    short = [float(str(v)) for v in a]
+    same = np.array(short, dtype=np.float64).astype(np.float32) == a
+    return [x if ok else float(v) for x, ok, v in zip(short, same, a)]
+
+
 def scales_to_json(scales: list[torch.Tensor] | None) -> list[list[float]] | None:
-    return None if scales is None else [[float(x) for x in s] for s in scales]
+    return None if scales is None else [_short_floats(s) for s in scales]
 
 
 def scales_from_json(rows: list[list[float]] | None) -> list[torch.Tensor] | None:

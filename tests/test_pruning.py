@@ -13,7 +13,7 @@ import torch
 from pruning import PruneError
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.export import (export_checkpoint, keep_count, kept_from_json, materialize, read_manifest,
-                            select_kept, zero_dropped)
+                            scales_from_json, scales_to_json, select_kept, zero_dropped)
 from pruning.methods import METHODS, LayerScores, PruneContext, get_method
 from pruning.model_io import load_model
 from pruning.prune import check_args
@@ -56,6 +56,16 @@ def test_keep_count_and_topk_exact():
         assert len(k) == 1152 and len(set(k.tolist())) == 1152
         assert torch.all(k[1:] > k[:-1])  # sorted: channel order preserved
         assert s[k].min() >= s[torch.tensor(sorted(set(range(1536)) - set(k.tolist())))].max()
+
+
+def test_channel_scales_json_is_short_and_exact():
+    g = torch.Generator().manual_seed(0)
+    scales = [1 + 0.1 * torch.randn(2048, generator=g) for _ in range(4)]
+    scales.append(torch.tensor([0.0, -0.0, 1e-30, 3.4e38, 1 / 3, 0.1]))
+    rows = scales_to_json(scales)
+    assert all(torch.equal(a, b) for a, b in zip(scales, scales_from_json(json.loads(json.dumps(rows)))))
+    # a float32 needs at most 9 significant digits, not a double's 17
+    assert len(json.dumps(rows)) < 0.6 * len(json.dumps([[float(x) for x in s] for s in scales]))
 
 
 def test_every_method_scores_every_channel(dense):
