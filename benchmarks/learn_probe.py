@@ -13,11 +13,8 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import WORK, evaluators, persona_context, score_kl, score_masks, setup
-from pruning.batching import make_examples, common_prefix_len
-from pruning.export import keep_count
-
-from pruning.persona_pruner import resolve_options, build_dataset, in_precision, compute_dtype, base_identity
+from probe_common import persona_runs, score_kl, score_masks
+from pruning.batching import common_prefix_len
 from pruning.masklearn import (config_for, MaskTrainer, frozen, dense_pass, fisher_diag,
                                initial_scores, masked_losses, _normalise)
 
@@ -25,50 +22,40 @@ if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]
     variants = json.loads(sys.argv[2])   # [{"w":0.5,"cfg":{...},"snap":[0,16]}]
     tag = sys.argv[3]
-    model, tok, A = setup()
-    k = keep_count(model.config.intermediate_size, 0.25)
-    bid = base_identity(model)
-    for u in us:
-        sp, evp, evg = evaluators(model, tok, u, A)
-        ctx = persona_context(sp, 0.25, {})
-        opts = resolve_options(ctx)
-        snaps = []
-        with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
-            rows, info = build_dataset(work, tok, ctx, opts, bid, WORK / "cache")
-            assert info["dataset_cached"], info
-            base_cfg = config_for("default", seed=0)
-            ex = make_examples(tok, ctx.chat_system, [x["instruction"] for x in rows], [x["answer"] for x in rows],
-                               [bool(x.get("finished", True)) for x in rows], max_length=base_cfg.max_length)
-            t = time.time()
-            with frozen(work):
-                P = common_prefix_len([e.ids for e in ex], limit=min(e.n_prompt for e in ex) - 1)
-                dense, acts = dense_pass(work, tok, ex, P, 8, 64)
-                fisher = fisher_diag(work, tok, ex, P, 8, dense=dense)
-                a = initial_scores(work, acts, "activation", 0)
-                f = torch.stack([_normalise(x) for x in fisher])
-                print("INIT", round(time.time() - t), flush=True)
-                for v in variants:
-                    w = v.get("w", 0.5)
-                    init = (1 - w) * a + w * f
-                    cfg = config_for("default", **v.get("cfg", {}), seed=0)
-                    tr = MaskTrainer(work, tok, ex, k, cfg, init_scores=list(init), dense=dense)
-                    t1 = time.time()
-                    for st in range(max(v["snap"]) + 1):
-                        if cfg.scale_steps and st == cfg.steps:
-                            tr.fix_mask()
-                        if st in v["snap"]:
-                            # KL on the whole training set under this hard mask: what the mask can fit
-                            eff = tr.sc.effective()
-                            tk = (masked_losses(work, tok, ex, list(eff), P, dense=dense)["kl"]
-                                  if v.get("train_kl") else None)
-                            snaps.append((v, st, eff.clone() if tr.sc.scale is not None else tr.scores.detach().clone(),
-                                          round(time.time() - t1), tk))
-                        if st < max(v["snap"]):
-                            tr.step()
-        for v, st, sc, sec, tk in snaps:
-            # in the scale phase the snapshot is the effective (scaled) mask itself
-            kl = (score_masks(evp, evg, list(sc)) if (sc == 0).sum() > 0
-                  else score_kl(model, evp, evg, list(sc), k))
-            print("PROBE", json.dumps({"tag": tag, "persona": u, "v": v, "step": st,
-                  **kl, "sec": sec,
-                  "train_kl": None if tk is None else round(tk, 4)}), flush=True)
+    snaps = []
+    for p in persona_runs(us):
+        assert p.info["dataset_cached"], p.info
+        work, tok, k, ex = p.work, p.tok, p.k, p.examples()
+        t = time.time()
+        with frozen(work):
+            P = common_prefix_len([e.ids for e in ex], limit=min(e.n_prompt for e in ex) - 1)
+            dense, acts = dense_pass(work, tok, ex, P, 8, 64)
+            fisher = fisher_diag(work, tok, ex, P, 8, dense=dense)
+            a = initial_scores(work, acts, "activation", 0)
+            f = torch.stack([_normalise(x) for x in fisher])
+            print("INIT", round(time.time() - t), flush=True)
+            for v in variants:
+                w = v.get("w", 0.5)
+                init = (1 - w) * a + w * f
+                cfg = config_for("default", **v.get("cfg", {}), seed=0)
+                tr = MaskTrainer(work, tok, ex, k, cfg, init_scores=list(init), dense=dense)
+                t1 = time.time()
+                for st in range(max(v["snap"]) + 1):
+                    if cfg.scale_steps and st == cfg.steps:
+                        tr.fix_mask()
+                    if st in v["snap"]:
+                        # KL on the whole training set under this hard mask: what the mask can fit
+                        eff = tr.sc.effective()
+                        tk = (masked_losses(work, tok, ex, list(eff), P, dense=dense)["kl"]
+                              if v.get("train_kl") else None)
+                        snaps.append((p, v, st, eff.clone() if tr.sc.scale is not None else tr.scores.detach().clone(),
+                                      round(time.time() - t1), tk))
+                    if st < max(v["snap"]):
+                        tr.step()
+    for p, v, st, sc, sec, tk in snaps:
+        # in the scale phase the snapshot is the effective (scaled) mask itself
+        kl = (score_masks(p.evp, p.evg, list(sc)) if (sc == 0).sum() > 0
+              else score_kl(p.model, p.evp, p.evg, list(sc), p.k))
+        print("PROBE", json.dumps({"tag": tag, "persona": p.u, "v": v, "step": st,
+              **kl, "sec": sec,
+              "train_kl": None if tk is None else round(tk, 4)}), flush=True)
