@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/kl_positions.py PERSONA
 
-Compares the default persona-pruner mask with activation-persona on one eval persona at sparsity
+Compares the default persona-pruner mask with activation-prompt on one eval persona at sparsity
 0.25 (dense answers from quality.py's cache). Results are in docs/quality_experiments.md.
 """
 import sys, json
@@ -30,7 +30,7 @@ if __name__ == "__main__":
     ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
                        options={}, cache_dir=work_dir / "cache")
     variants = {"persona-pruner": get_method("persona-pruner")(model, tok, ctx),
-                "activation-persona": get_method("activation-persona")(model, tok, PruneContext(persona=sp.system, calibration=calibration_prompts(32)))}
+                "activation-prompt": get_method("activation-prompt")(model, tok, PruneContext(persona=sp.system, calibration=calibration_prompts(32)))}
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     for name, sc in variants.items():
         m = kept_masks(model, select_kept(sc, k))

@@ -6,7 +6,8 @@ For each persona of ../shared/data/eval (specific questions with its system prom
 questions without one) the dense model's greedy answers are generated once with vLLM, then every
 method's mask is scored teacher-forced: persona KL(dense || pruned) and NLL, general KL and NLL,
 and attribution of the pruned model's own answers (all-MiniLM-L6-v2). Persona-independent
-methods are scored once; activation-persona and persona-pruner per persona. Writes
+methods are scored once; activation-prompt, activation-persona and persona-pruner per persona
+(activation-persona and persona-pruner share the persona's synthetic set). Writes
 docs/quality.md, docs/quality.csv and PNG plots; rows are appended to the CSV as they finish.
 """
 
@@ -38,8 +39,8 @@ from pruning.synth import generate_detailed  # noqa: E402
 
 EVAL = ROOT.parent / "shared" / "data" / "eval"
 GENERIC = ["random", "magnitude", "activation", "taylor", "depth"]
-PERSONAL = ["activation-persona", "persona-pruner"]
-BASELINES = GENERIC + ["activation-persona"]
+PERSONAL = ["activation-prompt", "activation-persona", "persona-pruner"]
+BASELINES = GENERIC + ["activation-prompt", "activation-persona"]
 
 
 def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
@@ -180,10 +181,16 @@ def main() -> None:
             scales = None
             if m in generic_scores:
                 scores = generic_scores[m]
-            elif m == "activation-persona":
+            elif m == "activation-prompt":
                 if m not in persona_scores:
                     persona_scores[m] = get_method(m)(model, tok, PruneContext(
                         persona=sp.system, calibration=calibration_prompts(32)))
+                scores = persona_scores[m]
+            elif m == "activation-persona":  # persona-pruner's synthetic set (cached), no learning
+                if m not in persona_scores:
+                    persona_scores[m] = get_method(m)(model, tok, PruneContext(
+                        persona=who, system_prompt=sp.system, sparsity=s, seed=0,
+                        options={"profile": a.profile}, cache_dir=work / "cache"))
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
                 ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,

@@ -7,7 +7,7 @@ One run writes the results section of docs/serving.md and docs/serving_*.png:
   (b) cold-NPC time to first token: swap into a warm engine vs start a fresh engine;
   (c) 1, 8 and 32 NPCs, concurrent streaming chat clients, round-robin and Zipf-skewed:
       aggregate tokens/s, p50/p95 TTFT, swaps/s, for each engine-slot count.
-NPCs are pruned here ('activation-persona' scores, one model load, a different persona
+NPCs are pruned here ('activation-prompt' scores, one model load, a different persona
 each) and registered straight into the server's Redis as ready: the pruning jobs are not
 what is measured.
 """
@@ -62,7 +62,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
     dense = model.config.intermediate_size
     base_sha = checkpoint_sha256(base)
     calib = calibration_prompts(2)  # enough to make the NPCs differ; what is measured is serving
-    score = get_method("activation-persona")
+    score = get_method("activation-prompt")
     specs = [(i, sparsities[0]) for i in range(n)] + [(n + j, s) for j, s in enumerate(sparsities[1:])]
     npcs = []
     for i, sp in specs:
@@ -82,7 +82,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
         cfg["intermediate_size"] = len(kept[0])
         (d / "config.json").write_text(json.dumps(cfg))
         manifest = {"format": "npc-pruned/1", "base_model": str(base), "base_sha256": base_sha,
-                    "method": "activation-persona", "sparsity": sp, "dense_intermediate_size": dense,
+                    "method": "activation-prompt", "sparsity": sp, "dense_intermediate_size": dense,
                     "intermediate_size": len(kept[0]), "kept_indices": kept_to_json(kept),
                     "persona": persona(i), "created": time.time()}
         manifest["files"] = {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()}
@@ -101,7 +101,7 @@ async def register(redis_url: str, npcs: list[dict], base: Path) -> None:
     for n in npcs:
         n["id"] = f"npc-bench{n['i']:02d}"
         await store.create({"id": n["id"], "name": f"Bench {n['i']}", "persona": n["persona"],
-                            "sparsity": n["sparsity"], "method": "activation-persona", "seed": n["i"],
+                            "sparsity": n["sparsity"], "method": "activation-prompt", "seed": n["i"],
                             "base": str(base), "owner": "public", "status": "ready", "stage": "ready",
                             "progress": 1.0, "checkpoint": str(n["dir"]), "ready_at": time.time(),
                             "kept_per_layer": None})

@@ -61,12 +61,21 @@ def get_method(name: str) -> ScoreFn:
 # -- shared helpers ---------------------------------------------------------
 
 
-def chat_ids(tok, user: str, system: str | None = None, max_length: int = 256) -> torch.Tensor:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+def _template_ids(tok, msgs: list[dict], **kw) -> list[int]:
+    ids = tok.apply_chat_template(msgs, tokenize=True, **kw)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
-    return torch.tensor([list(ids)[:max_length]])
+    return list(ids)
+
+
+def chat_ids(tok, user: str, system: str | None = None, max_length: int = 256) -> torch.Tensor:
+    """The chat prompt's ids; `max_length` caps the user's part, never the system prompt (which
+    is what a persona-conditioned score measures: cutting it dropped the question altogether
+    behind a long persona)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    ids = _template_ids(tok, msgs, add_generation_prompt=True)
+    head = len(_template_ids(tok, msgs[:1])) if system else 0
+    return torch.tensor([ids[:head + max_length]])
 
 
 @torch.no_grad()
@@ -125,12 +134,13 @@ def score_activation(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     return [a * w for a, w in zip(acts, down_column_norms(model))]
 
 
-@register("activation-persona")
-def score_activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
-    """The same score, measured with the persona as the system prompt."""
+@register("activation-prompt")
+def score_activation_prompt(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
+    """The same score on the generic calibration prompts with the persona as the system prompt
+    (the persona's prompt without its synthetic data; `activation-persona` uses the data)."""
     if not ctx.calibration:
-        raise PruneError("activation-persona method needs calibration prompts")
-    acts = activation_norms(model, tok, ctx.calibration, ctx, system=ctx.persona)
+        raise PruneError("activation-prompt method needs calibration prompts")
+    acts = activation_norms(model, tok, ctx.calibration, ctx, system=ctx.chat_system)
     return [a * w for a, w in zip(acts, down_column_norms(model))]
 
 

@@ -29,15 +29,17 @@ from pathlib import Path
 import torch
 
 from pruning import PruneError, check_number
-from pruning.batching import make_examples
+from pruning.batching import common_prefix_len, make_examples
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
-from pruning.masklearn import MaskLearnConfig, config_for, learn_scores, profile
+from pruning.masklearn import MaskLearnConfig, config_for, dense_pass, learn_scores, profile
 from pruning.methods import PruneContext, register
 from pruning.model_io import checkpoint_sha256, ffn_blocks
 from pruning.sensitivity import default_band, select_instructions
 from pruning.synth import dataset_key, load_dataset, resolve_backend, rewrite, save_dataset
 
 DEFAULT_PROFILE = "default"
+# the methods that build (or reuse) the persona's synthetic set and so take the options below
+DATA_METHODS = ("persona-pruner", "activation-persona")
 DEFAULT_SPARSITY = 0.25
 LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 # every option a caller may set in ctx.options (profile values are the defaults)
@@ -215,27 +217,36 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     return rows, info
 
 
-def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
-    """Learned per-channel scores (top-k per layer = the learned mask)."""
-    from pruning.export import keep_count
-
-    t0 = time.time()
+@contextmanager
+def persona_examples(model, tok, ctx: PruneContext):
+    """(work model, training examples, resolved options, data info): the persona's synthetic set
+    (built, or read from the cache) with the model in the method's working precision."""
     opts = resolve_options(ctx)
-    blocks = ffn_blocks(model)
-    sizes = {b.down_proj.in_features for b in blocks}
-    if len(sizes) != 1:
-        raise PruneError("persona-pruner needs the same FFN size in every layer")
-    k = keep_count(sizes.pop(), ctx.sparsity if ctx.sparsity is not None else DEFAULT_SPARSITY)
+    max_length = learn_config(opts).max_length  # checks the learning options before any work
     cache_dir = (Path(ctx.cache_dir) if ctx.cache_dir else default_cache_dir()) if opts["use_cache"] else None
     base_id = ctx.base_id or base_identity(model)
-    cfg = learn_config(opts, ctx.seed)
     device = next(model.parameters()).device
     with in_precision(model, compute_dtype(opts["compute_dtype"], device)) as work:
         rows, info = build_dataset(work, tok, ctx, opts, base_id, cache_dir,
                                    progress=lambda f: ctx.progress(0.4 * f))
         examples = make_examples(tok, ctx.chat_system, [r["instruction"] for r in rows],
                                  [r["answer"] for r in rows], [bool(r.get("finished", True)) for r in rows],
-                                 max_length=cfg.max_length)
+                                 max_length=max_length)
+        yield work, examples, opts, info
+
+
+def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
+    """Learned per-channel scores (top-k per layer = the learned mask)."""
+    from pruning.export import keep_count
+
+    t0 = time.time()
+    blocks = ffn_blocks(model)
+    sizes = {b.down_proj.in_features for b in blocks}
+    if len(sizes) != 1:
+        raise PruneError("persona-pruner needs the same FFN size in every layer")
+    k = keep_count(sizes.pop(), ctx.sparsity if ctx.sparsity is not None else DEFAULT_SPARSITY)
+    with persona_examples(model, tok, ctx) as (work, examples, opts, info):
+        cfg = learn_config(opts, ctx.seed)
         ctx.stage("learning")
         res = learn_scores(work, tok, examples, k, cfg, progress=lambda f: ctx.progress(0.4 + 0.6 * f),
                            log_every=int(opts.get("log_every") or 0))
@@ -249,6 +260,24 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     ctx.info.update({"persona_pruner": info})
     ctx.progress(1.0)
     return [s.float().cpu() for s in res.scores]
+
+
+@register("activation-persona")
+def activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
+    """The ablation: Wanda/FLAP-style activation scores (activation norm x down_proj column norm)
+    measured on persona-pruner's own synthetic data (same options, same cache): the data
+    without the learning."""
+    t0 = time.time()
+    with persona_examples(model, tok, ctx) as (work, examples, opts, info):
+        ctx.stage("scoring")
+        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        _, acts = dense_pass(work, tok, examples, P, learn_config(opts).batch_size, 1,
+                             progress=lambda f: ctx.progress(0.4 + 0.6 * f))
+        cols = [b.down_proj.weight.detach().float().norm(dim=0).cpu() for b in ffn_blocks(work)]
+    info.update(profile=opts["profile"], examples=len(examples), total_s=round(time.time() - t0, 2))
+    ctx.info.update({"activation_persona": info})
+    ctx.progress(1.0)
+    return [a * c for a, c in zip(acts, cols)]
 
 
 register("persona-pruner")(persona_pruner)

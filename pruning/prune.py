@@ -72,6 +72,7 @@ def prune(
     `cache_dir` holds reusable intermediate data (persona-pruner's synthetic sets).
     """
     from pruning.methods import LayerScores, layers_to_drop
+    from pruning.persona_pruner import DATA_METHODS
 
     options = dict(options or {})
     check_args(persona, sparsity, method)
@@ -102,7 +103,7 @@ def prune(
         progress=lambda f: progress(span[0] + (span[1] - span[0]) * f, stage[0]),
         sparsity=sparsity,
         system_prompt=system_prompt,
-        options=options if method == "persona-pruner" else {},
+        options=options if method in DATA_METHODS else {},
         cache_dir=Path(cache_dir) if cache_dir else None,
         stage=set_stage,
     )

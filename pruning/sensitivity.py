@@ -52,8 +52,12 @@ def band_states(model, tok, system: str | None, instructions: list[str], *,
     lo, hi = band or default_band(len(layers))
     dev = model_device(model)
     pad = pad_id_of(tok)
-    seqs = [prompt_ids(tok, q, system)[-max_length:] for q in instructions]
+    seqs = [prompt_ids(tok, q, system) for q in instructions]
     P = common_prefix_len(seqs, limit=min(len(s) for s in seqs) - 1)
+    # the system prompt is what is measured, so it is never cut (cutting every sequence to its last
+    # `max_length` tokens lost the start of a long persona and, with it, the shared prefix: every
+    # instruction then ran the whole prompt again); an overlong instruction keeps its end
+    seqs = [s[:P] + s[P:][-max_length:] for s in seqs]
     out = torch.zeros(len(seqs), model.config.hidden_size)
     acc: dict = {}
 
@@ -125,7 +129,7 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
     band = band or default_band(len(_layers(model)))
     path = None
     if cache_dir is not None and base_id:
-        key = _digest({"v": 3, "base": base_id, "band": list(band), "refs": references,
+        key = _digest({"v": 4, "base": base_id, "band": list(band), "refs": references,
                        "dtype": str(next(model.parameters()).dtype),
                        "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
         path = Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"

@@ -135,7 +135,7 @@ def npc_a(server) -> dict:
 
 @pytest.fixture(scope="session")
 def npc_b(server, npc_a) -> dict:
-    rec = server.create_npc("Bea the Baker", PERSONA_B, sparsity=0.25, method="activation-persona")
+    rec = server.create_npc("Bea the Baker", PERSONA_B, sparsity=0.25, method="activation-prompt")
     return server.wait_ready(rec["id"])
 
 

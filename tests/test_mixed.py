@@ -27,8 +27,8 @@ def mixed(tmp_path_factory, models_dir):
                                 "NPC_MIXED_BATCH_NPCS": "4", "NPC_MAX_WAITING": "8"}).start()
     ids = {
         "a": srv.create_npc("Rook", PERSONA_A, sparsity=0.25)["id"],
-        "b": srv.create_npc("Bea", PERSONA_B, sparsity=0.5, method="activation-persona")["id"],
-        "c": srv.create_npc("Pip", PERSONA_C, sparsity=0.25, method="activation-persona")["id"],
+        "b": srv.create_npc("Bea", PERSONA_B, sparsity=0.5, method="activation-prompt")["id"],
+        "c": srv.create_npc("Pip", PERSONA_C, sparsity=0.25, method="activation-prompt")["id"],
     }
     for i in ids.values():
         srv.wait_ready(i)

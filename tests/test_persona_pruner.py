@@ -299,3 +299,51 @@ def test_long_persona_prompts_keep_their_answers(base_dir):
     assert len(ex[0].ids) - ex[0].n_prompt == 64
     short = make_examples(tok, "A pirate.", ["Who are you?"], ["Arr."], [True], max_length=512)
     assert short[0].ids[short[0].n_prompt:][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_sensitivity_sees_the_whole_of_a_long_persona(dense):
+    """The filter's states depend on the start of a persona longer than its max_length (they
+    once kept only each sequence's last 256 tokens, so two such personas differing in their
+    first line looked the same), and the long prompt is still run once, as a shared prefix."""
+    from pruning.sensitivity import band_states
+
+    model, tok = dense
+    tail = " You keep a detailed diary of the weather and of every visitor." * 40  # ~500 tokens
+    a, b = "You are a retired sea captain." + tail, "You are a young pastry chef." + tail
+    qs = ["What do you do all day?", "What is 7 times 8?"]
+    ha, hb = band_states(model, tok, a, qs), band_states(model, tok, b, qs)
+    assert not torch.allclose(ha, hb, atol=1e-3)
+    # an overlong instruction keeps its end and still shares the persona prefix
+    long_q = "Please summarise this: " + "words and more words " * 200
+    h = band_states(model, tok, a, [long_q, qs[0]], max_length=64)
+    assert torch.isfinite(h).all() and h.shape == (2, model.config.hidden_size)
+
+
+def test_activation_persona_scores_the_personas_synthetic_set(dense, cache_dir, fast_rows, examples):
+    """The ablation scores persona-pruner's own data (same options, same cached set): activation
+    norms over the synthetic chats, the shared prompt counted once per chat as if each ran whole,
+    times down_proj's column norms."""
+    from pruning.methods import get_method
+
+    model, tok = dense
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options={"profile": "fast", "compute_dtype": "float32"},
+                       cache_dir=cache_dir, base_id="test-base")
+    scores = get_method("activation-persona")(model, tok, ctx)
+    assert ctx.info["activation_persona"]["dataset_cached"]
+    assert ctx.info["activation_persona"]["examples"] == len(examples)
+    blocks = model.model.layers
+    sq = [torch.zeros(model.config.intermediate_size, dtype=torch.float64) for _ in blocks]
+    def hook(_m, args, i):
+        sq[i] += (args[0].reshape(-1, args[0].shape[-1]).double() ** 2).sum(0)
+
+    hooks = [b.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for e in examples:
+                model(torch.tensor([e.ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for s, acc, b in zip(scores, sq, blocks):
+        want = acc.sqrt().float() * b.mlp.down_proj.weight.float().norm(dim=0)
+        assert torch.allclose(s, want, rtol=1e-3, atol=1e-6)

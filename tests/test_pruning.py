@@ -69,12 +69,13 @@ def test_channel_scales_json_is_short_and_exact():
 
 
 def test_every_method_scores_every_channel(dense):
-    """Every cheap method; persona-pruner has its own tests (tests/test_persona_pruner.py)."""
+    """Every cheap method; the two on the persona's synthetic set have their own tests
+    (tests/test_persona_pruner.py)."""
     model, tok = dense
     ctx = PruneContext(persona=PERSONA_A, calibration=calibration_prompts(2))
-    assert {"random", "magnitude", "activation", "taylor", "depth", "activation-persona",
+    assert {"random", "magnitude", "activation", "taylor", "depth", "activation-prompt", "activation-persona",
             "persona-pruner"} <= set(METHODS)
-    for name in sorted(set(METHODS) - {"persona-pruner"}):
+    for name in sorted(set(METHODS) - {"persona-pruner", "activation-persona"}):
         scores = get_method(name)(model, tok, ctx)
         assert len(scores) == model.config.num_hidden_layers
         if isinstance(scores, LayerScores):  # depth: one score per block

@@ -112,7 +112,9 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
 
     method = req.method or settings.default_method
     options = dict(req.options or {})
-    if method == "persona-pruner" or options.get("recover"):
+    from pruning.persona_pruner import DATA_METHODS  # torch: not at the API module's import
+
+    if method in DATA_METHODS or options.get("recover"):
         options.setdefault("profile", settings.default_profile)
     evaluate = settings.evaluate if req.evaluate is None else req.evaluate
     idem_key = request.headers.get("idempotency-key")
