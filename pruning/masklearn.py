@@ -471,7 +471,9 @@ PROFILES: dict[str, dict] = {
     # 4 % persona / 8 % general KL (docs/quality_experiments.md)
     # then 32 steps of per-channel scales on the fixed mask: -4 to -5 % persona KL, -3 to -4 %
     # general, 70-120 s (docs/quality_experiments.md)
-    "default": dict(n_instructions=256, pool_size=512, n_references=8, max_new_tokens=64,
+    # data_tokens: fewer instructions behind a persona prompt over ~550 tokens (every stage runs
+    # the whole prompt per example), so that a 1,000-token persona still prunes in under 10 minutes
+    "default": dict(n_instructions=256, pool_size=512, n_references=8, max_new_tokens=64, data_tokens=170_000,
                     learn=dict(steps=16, batch_size=8, lr=0.05, scale_steps=32)),
     # not benchmarked: twice the default's data over the whole pool, longer answers, 2 epochs
     "thorough": dict(n_instructions=512, pool_size=None, n_references=None, max_new_tokens=96,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pruning import PruneError, check_number
-from pruning.batching import common_prefix_len, make_examples
+from pruning.batching import common_prefix_len, make_examples, prompt_ids
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.masklearn import MaskLearnConfig, config_for, dense_pass, learn_scores, profile
 from pruning.methods import PruneContext, register
@@ -41,12 +41,14 @@ DEFAULT_PROFILE = "default"
 # the methods that build (or reuse) the persona's synthetic set and so take the options below
 DATA_METHODS = ("persona-pruner", "activation-persona")
 DEFAULT_SPARSITY = 0.25
+QUESTION_TOKENS = 40  # a pool instruction's typical length, for the data budget
 LEARN_KEYS = {f.name for f in fields(MaskLearnConfig)} - {"seed"}
 # every option a caller may set in ctx.options (profile values are the defaults)
 OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
     "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every", "relative",
+    "data_tokens",
     *LEARN_KEYS,
 }
 
@@ -145,14 +147,26 @@ def learn_config(opts: dict, seed: int = 0) -> MaskLearnConfig:
 # the data options a caller may set, and their bounds (None allowed where the profile uses it)
 _COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references": (1, 1000),
            "max_new_tokens": (1, 1024), "gen_batch_size": (1, 256), "sens_batch_size": (1, 1024),
-           "n_anchor": (0, 1024)}
+           "n_anchor": (0, 1024), "data_tokens": (1000, 100_000_000)}
 
 
 def _check_counts(opts: dict) -> None:
     for name, (lo, hi) in _COUNTS.items():
-        if opts.get(name) is not None or name not in ("pool_size", "n_references"):
+        if opts.get(name) is not None or name not in ("pool_size", "n_references", "data_tokens"):
             check_number(name, opts.get(name), lo, hi, integer=True)
     check_number("teacher_temperature", opts.get("teacher_temperature"), 0, 2)
+
+
+def data_budget(tok, system: str, opts: dict) -> int:
+    """How many instructions to answer: `n_instructions`, unless the set would pass `data_tokens`
+    (a persona prompt plus question and answer per instruction). Every later stage (the teacher,
+    the dense pass, the Fisher) runs the whole prompt per example, so a long persona prompt
+    would otherwise stretch the prune time with it; never below 64 instructions."""
+    n, budget = opts["n_instructions"], opts.get("data_tokens")
+    if not budget or n <= 64:
+        return n
+    per = len(prompt_ids(tok, "", system)) + QUESTION_TOKENS + opts["max_new_tokens"]
+    return max(64, min(n, budget // per))
 
 
 def _digest(items: list[str]) -> str:
@@ -172,17 +186,17 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     refs = load_reference_personas(opts["references_path"])
     band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
     dtype = next(model.parameters()).dtype
-    backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model,
-                                                                   opts["n_instructions"] + len(anchors))
+    n = data_budget(tok, system, opts)
+    backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model, n + len(anchors))
     key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
-                      refs=_digest(refs), n=opts["n_instructions"], pool_size=opts["pool_size"],
+                      refs=_digest(refs), n=n, pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
                       **({"relative": True} if opts["relative"] else {}),  # plain keys stay as they were
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       teacher_backend=opts["teacher_backend"] if opts["teacher_url"] else backend,
                       dtype=str(dtype))
-    info = {"dataset_key": key}
+    info = {"dataset_key": key, "n_instructions": n}
     rows = load_dataset(cache_dir, key) if cache_dir is not None else None
     if rows is not None:
         info["dataset_cached"] = True
@@ -190,8 +204,8 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
         return rows, info
     t0 = time.time()
     ctx.stage("filtering")
-    picked = [] if opts["n_instructions"] <= 0 else select_instructions(
-        model, tok, system, opts["n_instructions"], pool=pool, pool_size=opts["pool_size"], references=refs,
+    picked = [] if n <= 0 else select_instructions(
+        model, tok, system, n, pool=pool, pool_size=opts["pool_size"], references=refs,
         n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
         batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id, relative=bool(opts["relative"]),
         progress=lambda f: progress(0.3 * f))

@@ -347,3 +347,20 @@ def test_activation_persona_scores_the_personas_synthetic_set(dense, cache_dir, 
     for s, acc, b in zip(scores, sq, blocks):
         want = acc.sqrt().float() * b.mlp.down_proj.weight.float().norm(dim=0)
         assert torch.allclose(s, want, rtol=1e-3, atol=1e-6)
+
+
+def test_data_budget_shrinks_the_set_only_behind_a_long_persona(dense):
+    """The default profile answers 256 instructions, fewer behind a persona prompt so long that
+    256 would pass its data_tokens (every stage runs the whole prompt per example); never < 64."""
+    from pruning.persona_pruner import data_budget
+
+    _, tok = dense
+    opts = resolve_options(PruneContext(persona="-"))
+    assert data_budget(tok, PERSONA_A, opts) == 256
+    long = "You are a lighthouse keeper who writes down every ship that passes. " * 70  # ~1,000 tokens
+    n = data_budget(tok, long, opts)
+    assert 64 < n < 200
+    assert data_budget(tok, long * 4, opts) == 64
+    assert data_budget(tok, long, {**opts, "data_tokens": None}) == 256
+    with pytest.raises(PruneError, match="data_tokens"):
+        resolve_options(PruneContext(persona="-", options={"data_tokens": 10}))
