@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from pruning import PruneError
 from pruning.model_io import resolve_base
+from pruning.persona_pruner import DATA_METHODS
 from service.api import deps
 from service.cards import card_to_npc, parse_card
 from service.errors import ApiError
@@ -112,8 +113,6 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
 
     method = req.method or settings.default_method
     options = dict(req.options or {})
-    from pruning.persona_pruner import DATA_METHODS  # torch: not at the API module's import
-
     if method in DATA_METHODS or options.get("recover"):
         options.setdefault("profile", settings.default_profile)
     evaluate = settings.evaluate if req.evaluate is None else req.evaluate
