@@ -182,7 +182,8 @@ class DenseTargets:
 @torch.no_grad()
 def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_topk: int,
                act: bool = True, progress: Callable[[float], None] = lambda f: None):
-    """One no-grad pass of the unmasked model: KL targets and per-channel activation norms."""
+    """One no-grad pass of the unmasked model: KL targets and per-channel activation norms
+    (`kl_topk=0`: the norms alone; the targets' batches stay empty)."""
     blocks = ffn_blocks(model)
     sq = [torch.zeros(b.down_proj.in_features, dtype=torch.float64) for b in blocks]
     state = {"mask": None}
@@ -208,6 +209,9 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
             state["mask"] = torch.tensor([[c < len(x) for c in range(T)] for x in sfx])
             hidden = forward_suffixes(model, kv, P, sfx, pad)
             state["mask"] = None
+            progress((n + 1) / len(batches))
+            if not kl_topk:
+                continue
             rows, cols, tgt = scored_positions(examples, idx, P)
             logp = _logp_at(model, hidden, rows, cols)
             top = torch.topk(logp, kl_topk, dim=-1)
@@ -216,7 +220,6 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
             t.top_idx.append(top.indices)
             t.top_logp.append(top.values)
             t.tail_logp.append(tail)
-            progress((n + 1) / len(batches))
     finally:
         for h in handles:
             h.remove()

@@ -285,7 +285,7 @@ def activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     with persona_examples(model, tok, ctx) as (work, examples, opts, info):
         ctx.stage("scoring")
         P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
-        _, acts = dense_pass(work, tok, examples, P, learn_config(opts).batch_size, 1,
+        _, acts = dense_pass(work, tok, examples, P, learn_config(opts).batch_size, 0,
                              progress=lambda f: ctx.progress(0.4 + 0.6 * f))
         cols = [b.down_proj.weight.detach().float().norm(dim=0).cpu() for b in ffn_blocks(work)]
     info.update(profile=opts["profile"], examples=len(examples), total_s=round(time.time() - t0, 2))
