@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from probe_common import persona_runs, score_masks
-from pruning.batching import channel_mask, common_prefix_len, forward_suffixes, kept_masks, pad_id_of, prefix_kv
+from pruning.batching import channel_mask, forward_suffixes, kept_masks, pad_id_of, prefix_kv, shared_prompt_len
 from pruning.export import kept_scales, select_kept
 from pruning.masklearn import config_for, frozen, learn_scores
 from pruning.model_io import ffn_blocks
@@ -29,7 +29,7 @@ def grams(model, tok, ex, masks, binary, batch=8):
     the model runs under `masks`, z' is the down_proj input with the dropped channels zeroed)."""
     blocks = ffn_blocks(model)
     C = blocks[0].down_proj.in_features
-    P = common_prefix_len([e.ids for e in ex], limit=min(e.n_prompt for e in ex) - 1)
+    P = shared_prompt_len(ex)
     pad = pad_id_of(tok)
     G = [torch.zeros(C, C) for _ in blocks]
     X = [torch.zeros(C, C) for _ in blocks]
@@ -91,7 +91,7 @@ if __name__ == "__main__":
     tag = sys.argv[3]
     out = []
     for p in persona_runs(us):
-        ex = p.examples()
+        ex = p.examples
         t = time.time()
         with frozen(p.work):
             res = learn_scores(p.work, p.tok, ex, p.k, config_for("default", seed=0))

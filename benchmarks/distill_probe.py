@@ -14,14 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from peft import LoraConfig, get_peft_model
-from probe_common import persona_runs
+from probe_common import persona_runs, score_masks
 from pruning.masklearn import MaskTrainer, config_for, frozen
 from pruning.recovery import TARGETS
-
-
-def score(p, model, masks):
-    return {"persona_kl": round(p.evp.score(masks, model=model)["kl_to_dense"], 4),
-            "general_kl": round(p.evg.score(masks, model=model)["kl_to_dense"], 4)}
 
 
 if __name__ == "__main__":
@@ -29,7 +24,7 @@ if __name__ == "__main__":
     runs = json.loads(sys.argv[2])
     tag = sys.argv[3]
     for p in persona_runs(us):
-        ex = p.examples()
+        ex = p.examples
         cfg = config_for("default", seed=0)
         t = time.time()
         with frozen(p.work):
@@ -39,7 +34,7 @@ if __name__ == "__main__":
                     tr.fix_mask()
                 tr.step()
         eff = [m.detach().float().clone() for m in tr.sc.effective()]
-        print("PROBE", json.dumps({"tag": tag, "persona": p.u, "variant": "mask+scales", **score(p, copy.deepcopy(p.work).float(), eff),
+        print("PROBE", json.dumps({"tag": tag, "persona": p.u, "variant": "mask+scales", **score_masks(p.evp, p.evg, eff, copy.deepcopy(p.work).float()),
                                    "learn_s": round(time.time() - t)}), flush=True)
         for r in runs:
             student = copy.deepcopy(p.work)
@@ -66,7 +61,7 @@ if __name__ == "__main__":
                 if step in r["snap"]:
                     merged = copy.deepcopy(peft).merge_and_unload().float()
                     print("PROBE", json.dumps({"tag": tag, "persona": p.u, "variant": "lora", "run": r, "step": step,
-                                               "loss": round(float(loss), 4), **score(p, merged, eff),
+                                               "loss": round(float(loss), 4), **score_masks(p.evp, p.evg, eff, merged),
                                                "train_s": round(time.time() - t1)}), flush=True)
                     del merged
             tr.sc.scale.requires_grad_(True)

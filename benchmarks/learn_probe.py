@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from probe_common import persona_runs, score_kl, score_masks
-from pruning.batching import common_prefix_len
+from pruning.batching import shared_prompt_len
 from pruning.masklearn import (config_for, MaskTrainer, frozen, dense_pass, fisher_diag,
                                initial_scores, masked_losses, _normalise)
 
@@ -25,10 +25,10 @@ if __name__ == "__main__":
     snaps = []
     for p in persona_runs(us):
         assert p.info["dataset_cached"], p.info
-        work, tok, k, ex = p.work, p.tok, p.k, p.examples()
+        work, tok, k, ex = p.work, p.tok, p.k, p.examples
         t = time.time()
         with frozen(work):
-            P = common_prefix_len([e.ids for e in ex], limit=min(e.n_prompt for e in ex) - 1)
+            P = shared_prompt_len(ex)
             dense, acts = dense_pass(work, tok, ex, P, 8, 64)
             fisher = fisher_diag(work, tok, ex, P, 8, dense=dense)
             a = initial_scores(work, acts, "activation", 0)

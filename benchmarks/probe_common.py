@@ -7,13 +7,12 @@ import torch
 
 from quality import EVAL, dense_answers
 from pruning import vllm_gen
-from pruning.batching import kept_masks, make_examples
+from pruning.batching import kept_masks
 from pruning.evaluate import Evaluator, load_eval_file
 from pruning.export import keep_count, select_kept
-from pruning.masklearn import config_for
 from pruning.methods import PruneContext
 from pruning.model_io import load_model
-from pruning.persona_pruner import base_identity, build_dataset, compute_dtype, in_precision, resolve_options
+from pruning.persona_pruner import persona_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
@@ -51,11 +50,12 @@ def persona_context(sp, sparsity: float, options: dict) -> PruneContext:
                         options=options, cache_dir=WORK / "cache")
 
 
-def score_masks(evp, evg, masks) -> dict:
-    """Persona and general KL under per-layer channel multipliers (0/1 masks, or scaled ones)."""
+def score_masks(evp, evg, masks, model=None) -> dict:
+    """Persona and general KL under per-layer channel multipliers (0/1 masks, or scaled ones), of
+    the evaluators' dense model or of another `model` (e.g. one with changed weights)."""
     masks = [m.float() for m in masks]
-    return {"persona_kl": round(evp.score(masks)["kl_to_dense"], 4),
-            "general_kl": round(evg.score(masks)["kl_to_dense"], 4)}
+    return {"persona_kl": round(evp.score(masks, model=model)["kl_to_dense"], 4),
+            "general_kl": round(evg.score(masks, model=model)["kl_to_dense"], 4)}
 
 
 def score_kl(model, evp, evg, scores, k: int) -> dict:
@@ -64,30 +64,20 @@ def score_kl(model, evp, evg, scores, k: int) -> dict:
 
 
 def persona_runs(us: list[int], data_options: dict | None = None, sparsity: float = 0.25):
-    """Per persona in `us`, a run: its evaluators and synthetic set (built or cached with
-    `data_options`), with `run.work` the model in the method's working precision while the run
-    is current. Score after the loop: the evaluators use the fp32 model, which `run.work` may
-    be, cast in place, until the next run starts.
+    """Per persona in `us`, a run: its evaluators and its synthetic set as persona-pruner builds it
+    (`persona_examples`: built or cached with `data_options`), with `run.work` the model in the
+    method's working precision while the run is current. Score after the loop: the evaluators use
+    the fp32 model, which `run.work` may be, cast in place, until the next run starts.
 
-    run: u, sp, evp, evg, model (fp32), work, tok, ctx, rows, info, k, data_s, examples(rows=None, **cfg)
+    run: u, sp, evp, evg, model (fp32), work, tok, ctx, examples, info, k, data_s
     """
     model, tok, answers = setup()
     k = keep_count(model.config.intermediate_size, sparsity)
-    bid = base_identity(model)
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, answers)
         ctx = persona_context(sp, sparsity, data_options or {})
-        opts = resolve_options(ctx)
         t = time.time()
-        with in_precision(model, compute_dtype("auto", torch.device("cpu"))) as work:
-            rows, info = build_dataset(work, tok, ctx, opts, bid, WORK / "cache")
-            vllm_gen.release()
-
-            def examples(sel=None, **cfg):
-                sel = rows if sel is None else sel
-                return make_examples(tok, ctx.chat_system, [x["instruction"] for x in sel],
-                                     [x["answer"] for x in sel], [bool(x.get("finished", True)) for x in sel],
-                                     max_length=config_for("default", **cfg).max_length)
-
+        with persona_examples(model, tok, ctx) as (work, examples, _opts, info):
+            vllm_gen.release()  # a kept teacher engine (teacher_backend "vllm") is not needed now
             yield SimpleNamespace(u=u, sp=sp, evp=evp, evg=evg, model=model, work=work, tok=tok, ctx=ctx,
-                                  rows=rows, info=info, k=k, data_s=round(time.time() - t), examples=examples)
+                                  examples=examples, info=info, k=k, data_s=round(time.time() - t))

@@ -21,10 +21,10 @@ if __name__ == "__main__":
     tag = sys.argv[4]
     snaps = []
     for p in persona_runs(us, data_opts):
-        print("DATA", p.u, len(p.rows), p.data_s, p.info, flush=True)
+        print("DATA", p.u, len(p.examples), p.data_s, p.info, flush=True)
         for r in runs:
             cfg = config_for("default", **r.get("cfg", {}), seed=0)
-            ex = p.examples(p.rows[: r["n"]], **r.get("cfg", {}))
+            ex = p.examples[: r["n"]]
             t1 = time.time()
             with frozen(p.work):
                 tr = MaskTrainer(p.work, p.tok, ex, p.k, cfg)

@@ -90,6 +90,12 @@ def common_prefix_len(seqs: list[list[int]], limit: int | None = None) -> int:
     return n
 
 
+def shared_prompt_len(examples: list[Example]) -> int:
+    """Tokens every example's prompt shares (the system prompt, usually), leaving each at least one
+    prompt token of its own: the prefix that is run once and reused as a KV cache."""
+    return common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+
+
 def scored_positions(examples: list[Example], idx: list[int], P: int):
     """Rows/cols (suffix coordinates) whose outputs predict the scored tokens, and the targets."""
     rows, cols, tgt = [], [], []

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from pruning import PruneError
-from pruning.batching import (channel_mask, common_prefix_len, forward_suffixes, kept_masks, length_batches,
-                              make_examples, pad_id_of, prefix_kv, scored_positions)
+from pruning.batching import (channel_mask, forward_suffixes, kept_masks, length_batches, make_examples,
+                              pad_id_of, prefix_kv, scored_positions, shared_prompt_len)
 from pruning.synth import generate_detailed
 
 
@@ -91,8 +91,7 @@ class Evaluator:
                                                                             finished, max_length=1024)
         if not self.examples:
             raise PruneError("nothing to evaluate: the dense model gave no answers")
-        self.P = common_prefix_len([e.ids for e in self.examples],
-                                   limit=min(e.n_prompt for e in self.examples) - 1)
+        self.P = shared_prompt_len(self.examples)
         self.batches = length_batches([len(e.ids) for e in self.examples], batch_size)
         self.dense_logp: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from pruning import PruneError, check_number
-from pruning.batching import (Example, channel_mask, common_prefix_len, forward_suffixes, kept_masks,
-                              length_batches, pad_id_of, prefix_kv, scored_positions)
+from pruning.batching import (Example, channel_mask, forward_suffixes, kept_masks, length_batches, pad_id_of,
+                              prefix_kv, scored_positions, shared_prompt_len)
 from pruning.model_io import ffn_blocks
 
 VARIANTS = ("ste", "gumbel", "soft-topk")
@@ -248,7 +248,7 @@ def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor]
                   batch_size: int = 8, dense: DenseTargets | None = None) -> dict:
     """Token-mean CE (and KL to `dense`, when given) of the model under fixed 0/1 masks."""
     if P is None:
-        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        P = shared_prompt_len(examples)
     pad = pad_id_of(tok)
     ce_sum, kl_sum, n = 0.0, 0.0, 0
     with channel_mask(model, masks):
@@ -375,7 +375,7 @@ class MaskTrainer:
         self.model, self.tok, self.examples, self.k, self.cfg = model, tok, examples, k, cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.pad = pad_id_of(tok)
-        self.P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        self.P = shared_prompt_len(examples)
         if dense is not None:
             if init_scores is None:
                 raise PruneError("precomputed dense targets need init_scores")

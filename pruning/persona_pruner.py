@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pruning import PruneError, check_number
-from pruning.batching import common_prefix_len, make_examples, prompt_ids
+from pruning.batching import make_examples, prompt_ids, shared_prompt_len
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
 from pruning.masklearn import MaskLearnConfig, config_for, dense_pass, learn_scores, profile
 from pruning.methods import PruneContext, register
@@ -284,7 +284,7 @@ def activation_persona(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     t0 = time.time()
     with persona_examples(model, tok, ctx) as (work, examples, opts, info):
         ctx.stage("scoring")
-        P = common_prefix_len([e.ids for e in examples], limit=min(e.n_prompt for e in examples) - 1)
+        P = shared_prompt_len(examples)
         _, acts = dense_pass(work, tok, examples, P, learn_config(opts).batch_size, 0,
                              progress=lambda f: ctx.progress(0.4 + 0.6 * f))
         cols = [b.down_proj.weight.detach().float().norm(dim=0).cpu() for b in ffn_blocks(work)]
