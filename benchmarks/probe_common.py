@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import torch
 
-from quality import EVAL, dense_answers
+from quality import EVAL, dense_answers, eval_pair
 from pruning import vllm_gen
 from pruning.batching import kept_masks
-from pruning.evaluate import Evaluator, load_eval_file
+from pruning.evaluate import Evaluator
 from pruning.export import keep_count, select_kept
 from pruning.methods import PruneContext
 from pruning.model_io import load_model
@@ -20,8 +20,7 @@ WORK = ROOT / ".bench" / "quality"
 
 
 def eval_files(u: int):
-    return (load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json"),
-            load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False))
+    return eval_pair(EVAL, u)
 
 
 def setup():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,29 @@ def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
     vllm_gen.release()
 
 
+def eval_pair(eval_dir: Path, u: int):
+    """(persona set, general set) of persona `u`: its specific questions with the persona's system
+    prompt, and its general questions without one."""
+    return (load_eval_file(eval_dir / f"persona_alpaca_specific_user_{u}.json"),
+            load_eval_file(eval_dir / f"persona_alpaca_general_user_{u}.json", with_persona=False))
+
+
+def eval_personas(eval_dir: Path, which: str) -> list[int]:
+    """The persona numbers to run: `which` ("all", or "0,3,7") checked against the eval dir's pairs."""
+    have = sorted(int(m.group(1)) for f in eval_dir.glob("persona_alpaca_specific_user_*.json")
+                  if (m := re.fullmatch(r"persona_alpaca_specific_user_(\d+)\.json", f.name))
+                  and (eval_dir / f"persona_alpaca_general_user_{m.group(1)}.json").is_file())
+    if which == "all":
+        if not have:
+            raise SystemExit(f"no persona_alpaca_specific/general_user_N.json pairs in {eval_dir}")
+        return have
+    want = [int(x) for x in which.split(",")]
+    missing = [u for u in want if u not in have]
+    if missing:
+        raise SystemExit(f"no specific+general eval pair for persona(s) {missing} in {eval_dir}")
+    return want
+
+
 def dense_answers(base: Path, sets: dict, max_new_tokens: int, work: Path, backend: str) -> dict:
     if backend == "hf":
         model, tok = load_model(base, dtype=torch.bfloat16)
@@ -75,7 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gen-dense", nargs=4, metavar=("BASE", "SPEC", "OUT", "TOKENS"))
     ap.add_argument("--base", default=str(Path.home() / ".local/share/npc/models/smollm2-135m-instruct"))
-    ap.add_argument("--personas", default="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--eval-dir", default=str(EVAL),
+                    help="folder of persona_alpaca_{specific,general}_user_N.json pairs (default: shared/data/eval)")
+    ap.add_argument("--personas", default="all", help="comma-separated N of the eval dir's pairs, or all")
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--methods", default=",".join(GENERIC + PERSONAL))
     ap.add_argument("--profile", default="default")
@@ -83,8 +110,8 @@ def main() -> None:
     ap.add_argument("--attribution-n", type=int, default=8, help="questions per persona for attribution (0: off)")
     ap.add_argument("--attribution-sparsities", default="0.25")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
-    ap.add_argument("--out", default=str(ROOT / "docs"))
-    ap.add_argument("--work", default=str(ROOT / ".bench" / "quality"))
+    ap.add_argument("--out", default=None, help="report folder (default: docs/, or the work folder for another --eval-dir)")
+    ap.add_argument("--work", default=None, help="cache folder (default: .bench/quality, one per --eval-dir)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new persona after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from quality.csv")
     ap.add_argument("--merge", action="store_true",
@@ -95,6 +122,13 @@ def main() -> None:
     if a.gen_dense:
         gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
         return
+    eval_dir = Path(a.eval_dir).expanduser().resolve()
+    default_eval = eval_dir == EVAL.resolve()
+    if a.work is None:
+        tag = hashlib.sha256(str(eval_dir).encode()).hexdigest()[:8]
+        a.work = str(ROOT / ".bench" / "quality" / ("" if default_eval else f"eval-{eval_dir.name}-{tag}"))
+    if a.out is None:
+        a.out = str(ROOT / "docs") if default_eval else a.work
     if a.report_only:
         return report_only(a)
 
@@ -103,7 +137,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     base = Path(a.base)
-    personas = [int(x) for x in a.personas.split(",")]
+    personas = eval_personas(eval_dir, a.personas)
     sparsities = [float(x) for x in a.sparsities.split(",")]
     attr_sp = {float(x) for x in a.attribution_sparsities.split(",") if x}
     methods = a.methods.split(",")
@@ -111,8 +145,7 @@ def main() -> None:
 
     sets, evals = {}, {}
     for u in personas:
-        sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
-        gen = load_eval_file(EVAL / f"persona_alpaca_general_user_{u}.json", with_persona=False)
+        sp, gen = eval_pair(eval_dir, u)
         evals[u] = (sp, gen)
         sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
         sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
@@ -239,10 +272,10 @@ def main() -> None:
     summary["this_run_s"] = round(time.time() - t_start)
     # the run log travels with merged reports: which run gave which rows
     summary["runs"] = (_stored_runs(out) if a.merge else []) + [{
-        "date": time.strftime("%Y-%m-%d"), "methods": a.methods, "personas": a.personas,
+        "date": time.strftime("%Y-%m-%d"), "methods": a.methods, "personas": ",".join(map(str, personas)),
         "sparsities": a.sparsities, "seconds": summary["this_run_s"], "merge": a.merge, "note": a.note}]
     if a.merge:
-        summary["merged"] = {"ran": a.methods, "personas": a.personas, "sparsities": a.sparsities}
+        summary["merged"] = {"ran": a.methods, "personas": ",".join(map(str, personas)), "sparsities": a.sparsities}
     summary["done"] = [f"{u}@{s}" for s, u in done]
     (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
                                                  indent=1))
@@ -348,11 +381,17 @@ def plot(rows, sparsities, methods, out: Path) -> None:
         plt.close(fig)
 
 
+def _shown(path: str) -> str:
+    """A path as the report shows it: relative to the project's parent when under it."""
+    p = Path(path).expanduser().resolve()
+    return str(p.relative_to(ROOT.parent)) if p.is_relative_to(ROOT.parent) else str(p)
+
+
 def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
     bm = summary["by_method"]
     lines = ["# Role-play fidelity by pruning method", "",
              f"Generated by `benchmarks/quality.py` (profile `{a.profile}`, {len(set(r['persona'] for r in rows))} "
-             f"personas from `shared/data/eval`, base SmolLM2-135M-Instruct, dense answers by {a.backend}, "
+             f"personas from `{_shown(a.eval_dir)}`, base `{_shown(a.base)}`, dense answers by {a.backend}, "
              f"{a.max_new_tokens} tokens; " + (f"total {summary['total_s']} s" if isinstance(summary.get("total_s"), int)
                                                 else "rows gathered from several runs, see below") + " on this 2-core box).", "",
              "Lower KL is better: mean per-token KL(dense || pruned) on the dense model's own greedy answers, "

@@ -1,0 +1,43 @@
+"""benchmarks/quality.py on another eval folder: the check a new set of personas gets."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import SHARED
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = SHARED / "data" / "eval"
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "benchmarks/quality.py", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_other_eval_dir(tmp_path, base_dir):
+    ev = tmp_path / "unseen"
+    ev.mkdir()
+    # persona 3's pair under another number, and a specific file without its general pair
+    shutil.copy(EVAL / "persona_alpaca_specific_user_3.json", ev / "persona_alpaca_specific_user_12.json")
+    shutil.copy(EVAL / "persona_alpaca_general_user_3.json", ev / "persona_alpaca_general_user_12.json")
+    shutil.copy(EVAL / "persona_alpaca_specific_user_1.json", ev)
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--eval-dir", str(ev), "--base", str(base_dir), "--out", str(out), "--work", str(work)]
+
+    bad = _run(*common, "--personas", "1", "--methods", "random")
+    assert bad.returncode != 0 and "no specific+general eval pair for persona(s) [1]" in bad.stderr
+
+    r = _run(*common, "--methods", "random,activation-prompt", "--sparsities", "0.5", "--attribution-n", "0",
+             "--backend", "hf", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader((out / "quality.csv").open()))
+    assert {(x["persona"], x["method"]) for x in rows} == {("12", "dense"), ("12", "random"), ("12", "activation-prompt")}
+    kl = {x["method"]: float(x["persona_kl"]) for x in rows}
+    assert kl["dense"] == 0 and 0 < kl["activation-prompt"] < kl["random"]
+    md = (out / "quality.md").read_text()
+    assert str(ev) in md and "1 personas" in md
