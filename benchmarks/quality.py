@@ -209,7 +209,9 @@ def main() -> None:
             _append(csv_path, fields, rows[-1])
         persona_scores = {}
         k = keep_count(dense_size, s)
-        for m in methods:
+        # persona-pruner before activation-persona: the one that comes first builds the shared
+        # synthetic set, and the prune time reported is persona-pruner's
+        for m in sorted(methods, key=lambda m: m == "activation-persona"):
             t = time.time()
             scales = None
             if m in generic_scores:
@@ -294,8 +296,9 @@ def report_only(a) -> None:
     methods = [m for m in a.methods.split(",") if any(r["method"] == m for r in rows)]
     pt = json.loads((work / "prune_times.json").read_text()) if (work / "prune_times.json").is_file() else []
     summary = summarize(rows, sparsities, methods, [p for p in pt if p["persona"] in done])
-    summary["total_s"] = None
-    summary["runs"] = _stored_runs(out)
+    runs = _stored_runs(out)
+    summary["runs"] = runs
+    summary["total_s"] = runs[0]["seconds"] if len(runs) == 1 and not runs[0].get("merge") else None
     plot(rows, sparsities, methods, out)
     write_md(summary, rows, sparsities, methods, out, a)
     print(json.dumps(summary, indent=1))
@@ -382,9 +385,12 @@ def plot(rows, sparsities, methods, out: Path) -> None:
 
 
 def _shown(path: str) -> str:
-    """A path as the report shows it: relative to the project's parent when under it."""
+    """A path as the report shows it: relative to the project (or to its parent, for shared/), with ~."""
     p = Path(path).expanduser().resolve()
-    return str(p.relative_to(ROOT.parent)) if p.is_relative_to(ROOT.parent) else str(p)
+    for root in (ROOT, ROOT.parent):
+        if p.is_relative_to(root):
+            return str(p.relative_to(root))
+    return str(p).replace(str(Path.home()), "~", 1)
 
 
 def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
@@ -436,10 +442,11 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                      f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "
                      f"best baseline's ({c['best_baseline_general']}).")
     if "prune_seconds_with_data" in summary:
-        p = summary["prune_seconds_with_data"]
-        lines.append(f"- `{a.profile}` profile, one persona including its synthetic data: mean {p['mean']:.0f} s, "
-                     f"max {p['max']:.0f} s; a second sparsity with the data cached: "
-                     f"{_fmt(summary['prune_seconds_cached_data'], 0)} s.")
+        p, cached = summary["prune_seconds_with_data"], summary["prune_seconds_cached_data"]
+        parts = ([f"one persona including its synthetic data: mean {p['mean']:.0f} s, max {p['max']:.0f} s"]
+                 if p["mean"] is not None else [])
+        parts += [f"with the synthetic data already cached: mean {cached:.0f} s"] if cached is not None else []
+        lines.append(f"- `{a.profile}` profile persona-pruner prune time, " + "; ".join(parts) + ".")
     lines += ["", "## Per persona (persona KL)", "",
               "| persona | " + " | ".join(f"{m} @{s}" for s in sparsities for m in methods) + " |",
               "|---|" + "---|" * (len(sparsities) * len(methods))]
