@@ -9,8 +9,8 @@ import sys, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from quality import dense_answers, EVAL
-from pruning.evaluate import Evaluator, load_eval_file
+from quality import dense_answers, eval_pair, EVAL
+from pruning.evaluate import Evaluator
 from pruning.batching import kept_masks, make_examples
 from pruning.export import keep_count, select_kept
 from pruning.model_io import load_model
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     model, tok = load_model(base, dtype=torch.float32)
     k = keep_count(model.config.intermediate_size, 0.25)
     A = json.loads((work_dir / "dense_answers.json").read_text())
-    sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+    sp, _ = eval_pair(EVAL, u)
     pa = A[f"spec{u}"]
     evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
     print("finished", sum(x[1] for x in pa), "of", len(pa), "tokens", evp.tokens)

@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from quality import dense_answers, EVAL
-from pruning.evaluate import Evaluator, load_eval_file
+from quality import dense_answers, eval_pair, EVAL
+from pruning.evaluate import Evaluator
 from pruning.batching import make_examples, kept_masks
 from pruning.masklearn import learn_scores, config_for
 from pruning.export import keep_count, select_kept
@@ -20,7 +20,7 @@ from pruning.model_io import load_model
 u, s, steps = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 base = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
 work = ROOT / ".bench" / "quality"
-sp = load_eval_file(EVAL / f"persona_alpaca_specific_user_{u}.json")
+sp, _ = eval_pair(EVAL, u)
 ans = dense_answers(base, {f"spec{u}": {"system": sp.system, "questions": sp.questions}}, 96, work, "vllm")[f"spec{u}"]
 model, tok = load_model(base, dtype=torch.float32)
 evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in ans], finished=[x[1] for x in ans])

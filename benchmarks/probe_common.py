@@ -19,16 +19,12 @@ BASE = Path.home() / ".local/share/npc/models/smollm2-135m-instruct"
 WORK = ROOT / ".bench" / "quality"
 
 
-def eval_files(u: int):
-    return eval_pair(EVAL, u)
-
-
 def setup():
     """(model, tok, answers): the fp32 base and the dense answers of all 10 personas (vLLM, cached)."""
     model, tok = load_model(BASE, dtype=torch.float32)
     sets = {}
     for u in range(10):
-        sp, gen = eval_files(u)
+        sp, gen = eval_pair(EVAL, u)
         sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
         sets[f"gen{u}"] = {"system": None, "questions": gen.questions}
     return model, tok, dense_answers(BASE, sets, 96, WORK, "vllm")
@@ -36,7 +32,7 @@ def setup():
 
 def evaluators(model, tok, u: int, answers):
     """(eval set, persona evaluator, general evaluator) of persona `u`."""
-    sp, gen = eval_files(u)
+    sp, gen = eval_pair(EVAL, u)
     pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
     evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
     evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])

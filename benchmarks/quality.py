@@ -273,11 +273,12 @@ def main() -> None:
     summary["total_s"] = None if a.merge else round(time.time() - t_start)
     summary["this_run_s"] = round(time.time() - t_start)
     # the run log travels with merged reports: which run gave which rows
+    ran = ",".join(map(str, personas))
     summary["runs"] = (_stored_runs(out) if a.merge else []) + [{
-        "date": time.strftime("%Y-%m-%d"), "methods": a.methods, "personas": ",".join(map(str, personas)),
+        "date": time.strftime("%Y-%m-%d"), "methods": a.methods, "personas": ran,
         "sparsities": a.sparsities, "seconds": summary["this_run_s"], "merge": a.merge, "note": a.note}]
     if a.merge:
-        summary["merged"] = {"ran": a.methods, "personas": ",".join(map(str, personas)), "sparsities": a.sparsities}
+        summary["merged"] = {"ran": a.methods, "personas": ran, "sparsities": a.sparsities}
     summary["done"] = [f"{u}@{s}" for s, u in done]
     (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": prune_times},
                                                  indent=1))
