@@ -10,7 +10,7 @@ import sys, time, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from probe_common import evaluators, persona_context, score_kl, setup
+from probe_common import WORK, evaluators, persona_context, score_kl, setup
 from pruning.export import keep_count
 from pruning.methods import get_method
 if __name__ == "__main__":
@@ -20,7 +20,7 @@ if __name__ == "__main__":
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, A)
         t = time.time()
-        ctx = persona_context(sp, s, opts)
+        ctx = persona_context(sp, s, opts, WORK)
         scores = get_method("persona-pruner")(model, tok, ctx)
         dt = time.time() - t
         kl = score_kl(model, evp, evg, scores, k)

@@ -9,7 +9,7 @@ import sys, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-from quality import dense_answers, eval_pair, EVAL
+from quality import dense_answers, eval_pair, persona_context, EVAL
 from pruning.evaluate import Evaluator
 from pruning.batching import kept_masks, make_examples
 from pruning.export import keep_count, select_kept
@@ -27,8 +27,7 @@ if __name__ == "__main__":
     pa = A[f"spec{u}"]
     evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
     print("finished", sum(x[1] for x in pa), "of", len(pa), "tokens", evp.tokens)
-    ctx = PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=0.25, seed=0,
-                       options={}, cache_dir=work_dir / "cache")
+    ctx = persona_context(sp, 0.25, {}, work_dir)
     variants = {"persona-pruner": get_method("persona-pruner")(model, tok, ctx),
                 "activation-prompt": get_method("activation-prompt")(model, tok, PruneContext(persona=sp.system, calibration=calibration_prompts(32)))}
     eot = tok.convert_tokens_to_ids("<|im_end|>")

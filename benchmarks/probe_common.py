@@ -5,12 +5,11 @@ from types import SimpleNamespace
 
 import torch
 
-from quality import EVAL, dense_answers, eval_pair
+from quality import EVAL, dense_answers, eval_pair, persona_context
 from pruning import vllm_gen
 from pruning.batching import kept_masks
 from pruning.evaluate import Evaluator
 from pruning.export import keep_count, select_kept
-from pruning.methods import PruneContext
 from pruning.model_io import load_model
 from pruning.persona_pruner import persona_examples
 
@@ -39,12 +38,6 @@ def evaluators(model, tok, u: int, answers):
     return sp, evp, evg
 
 
-def persona_context(sp, sparsity: float, options: dict) -> PruneContext:
-    """The persona-pruner context of eval set `sp`, caching into the benchmark's work dir."""
-    return PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=sparsity, seed=0,
-                        options=options, cache_dir=WORK / "cache")
-
-
 def score_masks(evp, evg, masks, model=None) -> dict:
     """Persona and general KL under per-layer channel multipliers (0/1 masks, or scaled ones), of
     the evaluators' dense model or of another `model` (e.g. one with changed weights)."""
@@ -70,7 +63,7 @@ def persona_runs(us: list[int], data_options: dict | None = None, sparsity: floa
     k = keep_count(model.config.intermediate_size, sparsity)
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, answers)
-        ctx = persona_context(sp, sparsity, data_options or {})
+        ctx = persona_context(sp, sparsity, data_options or {}, WORK)
         t = time.time()
         with persona_examples(model, tok, ctx) as (work, examples, _opts, info):
             vllm_gen.release()  # a kept teacher engine (teacher_backend "vllm") is not needed now

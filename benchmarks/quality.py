@@ -64,6 +64,13 @@ def eval_pair(eval_dir: Path, u: int):
             load_eval_file(eval_dir / f"persona_alpaca_general_user_{u}.json", with_persona=False))
 
 
+def persona_context(sp, sparsity: float, options: dict, work: Path) -> PruneContext:
+    """The persona-pruner (and activation-persona) context of eval set `sp`: its synthetic data
+    cached under the benchmark's `work` folder."""
+    return PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=sparsity, seed=0,
+                        options=options, cache_dir=work / "cache")
+
+
 def eval_personas(eval_dir: Path, which: str) -> list[int]:
     """The persona numbers to run: `which` ("all", or "0,3,7") checked against the eval dir's pairs."""
     have = sorted(int(m.group(1)) for f in eval_dir.glob("persona_alpaca_specific_user_*.json")
@@ -223,13 +230,10 @@ def main() -> None:
                 scores = persona_scores[m]
             elif m == "activation-persona":  # persona-pruner's synthetic set (cached), no learning
                 if m not in persona_scores:
-                    persona_scores[m] = get_method(m)(model, tok, PruneContext(
-                        persona=who, system_prompt=sp.system, sparsity=s, seed=0,
-                        options={"profile": a.profile}, cache_dir=work / "cache"))
+                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {"profile": a.profile}, work))
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
-                ctx = PruneContext(persona=who, system_prompt=sp.system, sparsity=s, seed=0,
-                                   options={"profile": a.profile}, cache_dir=work / "cache")
+                ctx = persona_context(sp, s, {"profile": a.profile}, work)
                 scores = get_method(m)(model, tok, ctx)
                 scales = ctx.channel_scales
                 info = ctx.info.get("persona_pruner", {})
