@@ -1,10 +1,11 @@
 """Initialisation mixes and optimiser settings from one dense pass over a cached synthetic set.
 
-    .venv/bin/python benchmarks/learn_probe.py PERSONAS VARIANTS_JSON TAG
+    .venv/bin/python benchmarks/learn_probe.py PERSONAS VARIANTS_JSON TAG [DATA_OPTIONS_JSON]
     .venv/bin/python benchmarks/learn_probe.py 0,3 '[{"w": 0.5, "snap": [0, 16]}, {"w": 0.5, "cfg": {"lr": 0.02}, "snap": [32]}]' lr
 
 Needs the default profile's synthetic set of each persona in the benchmark cache (run quality.py
-or scale_probe.py first). `w` is the Fisher weight of the act-fisher init; `"train_kl": true` also
+or scale_probe.py first); with DATA_OPTIONS_JSON (persona-pruner options, e.g. '{"max_new_tokens": 96}')
+that set is built or reused instead. `w` is the Fisher weight of the act-fisher init; `"train_kl": true` also
 scores each snapshot's hard mask on the whole training set; with `"cfg": {"scale_steps": N}` the
 mask is fixed after `steps` and the snapshots from then on are the scaled masks. Prints PROBE json lines;
 results are in docs/quality_experiments.md.
@@ -22,9 +23,11 @@ if __name__ == "__main__":
     us = [int(x) for x in sys.argv[1].split(",")]
     variants = json.loads(sys.argv[2])   # [{"w":0.5,"cfg":{...},"snap":[0,16]}]
     tag = sys.argv[3]
+    data_opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
     snaps = []
-    for p in persona_runs(us):
-        assert p.info["dataset_cached"], p.info
+    for p in persona_runs(us, data_opts):
+        assert data_opts or p.info["dataset_cached"], p.info
+        print("DATA", p.u, len(p.examples), p.data_s, flush=True)
         work, tok, k, ex = p.work, p.tok, p.k, p.examples
         t = time.time()
         with frozen(work):

@@ -464,7 +464,8 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
         lines.append(f"| {u} | " + " | ".join(cells) + " |")
     lines += ["", "![persona KL](quality_persona_kl.png)", "", "![general KL](quality_general_kl.png)", "",
               "Raw rows: `quality.csv`; everything: `quality.json`. Experiments behind the method's settings "
-              "(a mask oracle, data selection and size): `quality_experiments.md`."]
+              "(a mask oracle, data selection and size, what Alpaca-style questions and longer answers could give, "
+              "the `thorough` profile): `quality_experiments.md`."]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
 
 

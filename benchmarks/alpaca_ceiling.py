@@ -1,0 +1,58 @@
+"""How low can persona-pruner go with Alpaca-style training questions? (an experiment, not a method)
+
+    .venv/bin/python benchmarks/alpaca_ceiling.py PERSONAS [VARIANTS]
+
+For persona u, the training set is the *other* nine personas' evaluation questions (specific and
+general, 360 Alpaca questions, none of u's), asked under u's system prompt and answered by the dense
+model greedily at the evaluation's length (96 tokens): the evaluation's question style and answer
+distribution, without its questions. The default profile's learning (16 mask steps, 32 scale steps)
+runs on it and is scored on u's 20 persona and 20 general questions. This bounds what a better pool
+or teacher of Alpaca-like questions could give. VARIANTS: comma-separated of all (360), spec (180
+specific), gen (180 general), all64 (360, answers cut to 64 tokens).
+Prints one CEILING json line per persona and variant.
+"""
+import sys, time, json, random
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
+from quality import dense_answers, eval_pair, EVAL
+from probe_common import BASE, setup, evaluators, score_masks
+from pruning.batching import make_examples, kept_masks
+from pruning.masklearn import learn_scores, config_for
+from pruning.export import keep_count, select_kept
+from pruning.persona_pruner import in_precision
+from pruning.datasets import load_instructions
+
+if __name__ == "__main__":
+    us = [int(x) for x in sys.argv[1].split(",")]
+    variants = (sys.argv[2] if len(sys.argv) > 2 else "clean96,pool96").split(",")
+    model, tok, answers = setup()
+    k = keep_count(model.config.intermediate_size, 0.25)
+    pool = load_instructions()
+    for u in us:
+        sp, evp, evg = evaluators(model, tok, u, answers)
+        own = set(sp.questions) | set(eval_pair(EVAL, u)[1].questions)
+        # the eval pairs share most questions across personas (97 distinct in all): keep only the
+        # ones persona u is never asked
+        clean = sorted({q for v in range(10) for f in eval_pair(EVAL, v) for q in f.questions} - own)
+        rand = random.Random(0).sample(pool, len(clean))
+        work_dir = ROOT / ".bench" / "ceiling" / f"p{u}"  # dense_answers keeps one spec file per folder
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tr = dense_answers(BASE, {"clean": {"system": sp.system, "questions": clean},
+                                  "pool": {"system": sp.system, "questions": rand}}, 96, work_dir, "vllm")
+        for var in variants:
+            name, cut = var[:-2], int(var[-2:])
+            qs, ans = {"clean": clean, "pool": rand}[name], tr[name]
+            ids = [tok(a[0], add_special_tokens=False)["input_ids"] for a in ans]
+            ex = make_examples(tok, sp.system, qs, [tok.decode(i[:cut]) for i in ids],
+                               [a[1] and len(i) <= cut for a, i in zip(ans, ids)], max_length=512)
+            t = time.time()
+            with in_precision(model, torch.bfloat16) as work:  # the method's working precision on this CPU
+                res = learn_scores(work, tok, ex, k, config_for("default", seed=0), log_every=8)
+            kept = select_kept(res.scores, k)
+            plain = score_masks(evp, evg, kept_masks(model, kept))
+            scaled = score_masks(evp, evg, [m * s.float() for m, s in zip(kept_masks(model, kept), res.scales)])
+            init = score_masks(evp, evg, kept_masks(model, select_kept(res.init_scores, k)))
+            print("CEILING", json.dumps({"persona": u, "variant": var, "examples": len(ex), "init": init,
+                                         "mask": plain, "mask_scales": scaled, "sec": round(time.time() - t)}), flush=True)
