@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/alpaca_ceiling.py PERSONAS [VARIANTS]
 
-For persona u, the training set is the *other* nine personas' evaluation questions (specific and
-general, 360 Alpaca questions, none of u's), asked under u's system prompt and answered by the dense
-model greedily at the evaluation's length (96 tokens): the evaluation's question style and answer
-distribution, without its questions. The default profile's learning (16 mask steps, 32 scale steps)
-runs on it and is scored on u's 20 persona and 20 general questions. This bounds what a better pool
-or teacher of Alpaca-like questions could give. VARIANTS: comma-separated of all (360), spec (180
-specific), gen (180 general), all64 (360, answers cut to 64 tokens).
+For persona u, the training questions are the shared eval files' questions that u is never asked
+(the ten pairs share most questions: 97 distinct, 57 outside any one persona's pair), in the
+evaluation's Alpaca style (`clean`), or as many random instructions from the shipped pool (`pool`).
+Each is asked under u's system prompt and answered greedily by the dense model at 96 tokens, or cut
+to 64. The default profile's learning (16 mask steps, 32 scale steps, bf16) runs on it and is
+scored on u's 20 persona and 20 general questions: a bound on what Alpaca-like questions and longer
+answers could give. VARIANTS: comma-separated of clean96, pool96, clean64, pool64 (default: the
+first two). Results are in docs/quality_experiments.md.
 Prints one CEILING json line per persona and variant.
 """
 import sys, time, json, random
