@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from quality import dense_answers, eval_pair, EVAL
-from probe_common import BASE, setup, evaluators, score_masks
+from probe_common import BASE, setup, evaluators, score_kl, score_masks
 from pruning.batching import make_examples, kept_masks
 from pruning.masklearn import learn_scores, config_for
 from pruning.export import keep_count, select_kept
@@ -51,9 +51,8 @@ if __name__ == "__main__":
             t = time.time()
             with in_precision(model, torch.bfloat16) as work:  # the method's working precision on this CPU
                 res = learn_scores(work, tok, ex, k, config_for("default", seed=0), log_every=8)
-            kept = select_kept(res.scores, k)
-            plain = score_masks(evp, evg, kept_masks(model, kept))
-            scaled = score_masks(evp, evg, [m * s.float() for m, s in zip(kept_masks(model, kept), res.scales)])
-            init = score_masks(evp, evg, kept_masks(model, select_kept(res.init_scores, k)))
+            plain, init = score_kl(model, evp, evg, res.scores, k), score_kl(model, evp, evg, res.init_scores, k)
+            masks = kept_masks(model, select_kept(res.scores, k))
+            scaled = score_masks(evp, evg, [m * s.float() for m, s in zip(masks, res.scales)])
             print("CEILING", json.dumps({"persona": u, "variant": var, "examples": len(ex), "init": init,
                                          "mask": plain, "mask_scales": scaled, "sec": round(time.time() - t)}), flush=True)
