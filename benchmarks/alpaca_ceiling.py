@@ -31,12 +31,12 @@ if __name__ == "__main__":
     model, tok, answers = setup()
     k = keep_count(model.config.intermediate_size, 0.25)
     pool = load_instructions()
+    pairs = [eval_pair(EVAL, v) for v in range(10)]
+    # the eval pairs share most questions across personas (97 distinct in all)
+    every_q = {q for pair in pairs for f in pair for q in f.questions}
     for u in us:
         sp, evp, evg = evaluators(model, tok, u, answers)
-        own = set(sp.questions) | set(eval_pair(EVAL, u)[1].questions)
-        # the eval pairs share most questions across personas (97 distinct in all): keep only the
-        # ones persona u is never asked
-        clean = sorted({q for v in range(10) for f in eval_pair(EVAL, v) for q in f.questions} - own)
+        clean = sorted(every_q - {q for f in pairs[u] for q in f.questions})  # the ones u is never asked
         rand = random.Random(0).sample(pool, len(clean))
         work_dir = ROOT / ".bench" / "ceiling" / f"p{u}"  # dense_answers keeps one spec file per folder
         work_dir.mkdir(parents=True, exist_ok=True)
