@@ -21,6 +21,7 @@ WORK = ROOT / ".bench" / "quality"
 def setup():
     """(model, tok, answers): the fp32 base and the dense answers of all 10 personas (vLLM, cached)."""
     model, tok = load_model(BASE, dtype=torch.float32)
+    WORK.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no benchmark cache yet
     sets = {}
     for u in range(10):
         sp, gen = eval_pair(EVAL, u)

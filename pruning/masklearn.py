@@ -181,11 +181,15 @@ class DenseTargets:
 
 @torch.no_grad()
 def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_topk: int,
-               act: bool = True, progress: Callable[[float], None] = lambda f: None):
-    """One no-grad pass of the unmasked model: KL targets and per-channel activation norms
-    (`kl_topk=0`: the norms alone; the targets' batches stay empty)."""
+               act: bool = True, progress: Callable[[float], None] = lambda f: None, fisher: bool = False):
+    """One pass of the unmasked model: KL targets and per-channel activation norms
+    (`kl_topk=0`: the norms alone; the targets' batches stay empty). With `fisher` the same
+    forward also gives `fisher_diag`'s empirical Fisher (answer tokens, shared prefix), returned
+    third: one forward and backward instead of a forward and then a forward and backward."""
     blocks = ffn_blocks(model)
+    C = blocks[0].down_proj.in_features
     sq = [torch.zeros(b.down_proj.in_features, dtype=torch.float64) for b in blocks]
+    fish = torch.zeros(len(blocks), C, dtype=torch.float64) if fisher else None
     state = {"mask": None}
 
     def hook(_m, args, i):
@@ -207,13 +211,23 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
             sfx = [examples[i].ids[P:] for i in idx]
             T = max(len(x) for x in sfx)
             state["mask"] = torch.tensor([[c < len(x) for c in range(T)] for x in sfx])
-            hidden = forward_suffixes(model, kv, P, sfx, pad)
-            state["mask"] = None
+            rows, cols, tgt = scored_positions(examples, idx, P)
+            if fish is not None:
+                m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
+                with torch.enable_grad(), channel_mask(model, lambda i: m[i]):
+                    hidden = forward_suffixes(model, kv, P, sfx, pad)
+                    state["mask"] = None
+                    logp = _logp_at(model, hidden, rows, cols)
+                    _fisher_backward(logp, tgt, rows, len(idx))
+                fish += (m.grad[:, :, 0, :].double() ** 2).sum(1)
+                logp = logp.detach()
+            else:
+                hidden = forward_suffixes(model, kv, P, sfx, pad)
+                state["mask"] = None
+                logp = _logp_at(model, hidden, rows, cols) if kl_topk else None
             progress((n + 1) / len(batches))
             if not kl_topk:
                 continue
-            rows, cols, tgt = scored_positions(examples, idx, P)
-            logp = _logp_at(model, hidden, rows, cols)
             top = torch.topk(logp, kl_topk, dim=-1)
             tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
             t.pos.append((rows, cols, tgt))
@@ -223,7 +237,18 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
     finally:
         for h in handles:
             h.remove()
-    return t, [s.sqrt().float() for s in sq]
+    norms = [s.sqrt().float() for s in sq]
+    if fish is not None:
+        return t, norms, list(fish.float())
+    return t, norms
+
+
+def _fisher_backward(logq: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+    """Backward of the sum over the batch's examples of each one's mean answer-token CE."""
+    ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
+    per_ex = torch.zeros(n).index_add(0, rows, ce.float().cpu())
+    counts = torch.bincount(rows, minlength=n).clamp_min(1)
+    (per_ex / counts).sum().backward()
 
 
 def _kl_topk(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
@@ -300,11 +325,7 @@ def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int, *,
             if sampled and dense is not None:
                 pick = torch.multinomial(dense.top_logp[b].float().exp(), 1, generator=generator)[:, 0]
                 tgt = dense.top_idx[b].gather(1, pick[:, None])[:, 0]
-            logq = _logp_at(model, hidden, rows, cols)
-            ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
-            per_ex = torch.zeros(len(idx)).index_add(0, rows, ce.float().cpu())
-            counts = torch.bincount(rows, minlength=len(idx)).clamp_min(1)
-            (per_ex / counts).sum().backward()
+            _fisher_backward(_logp_at(model, hidden, rows, cols), tgt, rows, len(idx))
         fisher += (m.grad[:, :, 0, :].double() ** 2).sum(1)
     return list(fisher.float())
 
@@ -380,17 +401,23 @@ class MaskTrainer:
             if init_scores is None:
                 raise PruneError("precomputed dense targets need init_scores")
             self.dense = dense
-        else:
+        want_fisher = init_scores is None and cfg.init in ("fisher", "act-fisher")
+        # the default Fisher (answer tokens, shared prefix) comes out of the dense pass's own forward
+        fused = want_fisher and not cfg.prefix_grad and cfg.fisher_target == "answer"
+        fisher = None
+        if dense is None and fused:
+            self.dense, acts, fisher = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk,
+                                                  progress=progress, fisher=True)
+        elif dense is None:
             self.dense, acts = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk,
                                           progress=progress)
         if init_scores is not None:
             init = torch.stack([x.float() for x in init_scores])
         else:
-            # per-example Fisher through the prefix needs the prefix per example: no sharing
-            fisher = (fisher_diag(model, tok, examples, 0 if cfg.prefix_grad else self.P, cfg.batch_size,
-                                  dense=self.dense,
-                                  sampled=cfg.fisher_target == "sampled", generator=self.gen)
-                      if cfg.init in ("fisher", "act-fisher") else None)
+            if want_fisher and fisher is None:
+                # per-example Fisher through the prefix needs the prefix per example: no sharing
+                fisher = fisher_diag(model, tok, examples, 0 if cfg.prefix_grad else self.P, cfg.batch_size,
+                                     dense=self.dense, sampled=cfg.fisher_target == "sampled", generator=self.gen)
             init = initial_scores(model, acts, cfg.init, cfg.seed, fisher, cfg.fisher_weight)
         self.init = init
         self.sc = ChannelScores(init, k, cfg)

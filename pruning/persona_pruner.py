@@ -34,7 +34,8 @@ from pruning.datasets import calibration_prompts, load_instructions, load_refere
 from pruning.masklearn import MaskLearnConfig, config_for, dense_pass, learn_scores, profile
 from pruning.methods import PruneContext, register
 from pruning.model_io import checkpoint_sha256, ffn_blocks
-from pruning.sensitivity import default_band, select_instructions
+from pruning.sensitivity import (default_band, reference_stats, reference_stats_path, sampled_inputs,
+                                 select_instructions)
 from pruning.synth import dataset_key, load_dataset, resolve_backend, rewrite, save_dataset
 
 DEFAULT_PROFILE = "default"
@@ -173,10 +174,8 @@ def _digest(items: list[str]) -> str:
     return hashlib.sha256("\x00".join(items).encode()).hexdigest()
 
 
-def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache_dir: Path | None,
-                  progress=lambda f: None) -> tuple[list[dict], dict]:
-    """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
-    system = ctx.chat_system
+def _filter_inputs(model, opts: dict) -> tuple[list[str], list[str], list[str], tuple[int, int]]:
+    """(pool, anchors, reference personas, band) of resolved options, before any subsampling."""
     pool = load_instructions(opts["pool_path"])
     anchors = calibration_prompts(opts["n_anchor"]) if opts["n_anchor"] else []
     if opts["pool_calibration"] and not opts["pool_path"]:
@@ -185,6 +184,33 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     pool = [q for q in pool if q not in set(anchors)]
     refs = load_reference_personas(opts["references_path"])
     band = tuple(opts["band"]) if opts["band"] else default_band(len(ffn_blocks(model)))
+    return pool, anchors, refs, band
+
+
+def warm_reference_states(model, tok, options: dict | None = None, *, seed: int = 0,
+                          cache_dir: Path | None = None, progress=lambda f: None) -> bool:
+    """Compute and cache the reference personas' hidden states that the filter of `options`
+    (default: the default profile) measures with `seed`. They do not depend on the persona, so an
+    install computes them once and a machine's first prune does not (1.5-3 min on 2 cores).
+    True when they were computed now, False when the cache already held them."""
+    opts = resolve_options(PruneContext(persona="-", options=dict(options or {})))
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    base_id = base_identity(model)
+    pool, _anchors, refs, band = _filter_inputs(model, opts)
+    pool, refs = sampled_inputs(pool, refs, opts["pool_size"], opts["n_references"], seed)
+    with in_precision(model, compute_dtype(opts["compute_dtype"], next(model.parameters()).device)) as work:
+        if reference_stats_path(work, pool, refs, band, cache_dir, base_id).is_file():
+            return False
+        reference_stats(work, tok, pool, refs, band=band, batch_size=opts["sens_batch_size"],
+                        cache_dir=cache_dir, base_id=base_id, progress=progress)
+    return True
+
+
+def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache_dir: Path | None,
+                  progress=lambda f: None) -> tuple[list[dict], dict]:
+    """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
+    system = ctx.chat_system
+    pool, anchors, refs, band = _filter_inputs(model, opts)
     dtype = next(model.parameters()).dtype
     n = data_budget(tok, system, opts)
     backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model, n + len(anchors))

@@ -115,6 +115,15 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def reference_stats_path(model, instructions: list[str], references: list[str], band, cache_dir: Path,
+                         base_id: str) -> Path:
+    """Where `reference_stats` caches its result for these inputs."""
+    key = _digest({"v": 4, "base": base_id, "band": list(band), "refs": references,
+                   "dtype": str(next(model.parameters()).dtype),
+                   "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
+    return Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"
+
+
 def reference_stats(model, tok, instructions: list[str], references: list[str], *, band=None,
                     batch_size: int = 64, cache_dir: Path | None = None, base_id: str | None = None,
                     progress: Callable[[float], None] = lambda f: None) -> dict:
@@ -129,10 +138,7 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
     band = band or default_band(len(_layers(model)))
     path = None
     if cache_dir is not None and base_id:
-        key = _digest({"v": 4, "base": base_id, "band": list(band), "refs": references,
-                       "dtype": str(next(model.parameters()).dtype),
-                       "pool": hashlib.sha256("\x00".join(instructions).encode()).hexdigest()})
-        path = Path(cache_dir) / "sensitivity" / f"refs-{key[:32]}.pt"
+        path = reference_stats_path(model, instructions, references, band, cache_dir, base_id)
         if path.is_file():
             try:
                 t = torch.load(path, map_location="cpu")
@@ -194,6 +200,19 @@ def persona_divergence(model, tok, persona: str, instructions: list[str], refere
     return (div - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
 
 
+def sampled_inputs(pool: list[str] | None, references: list[str] | None, pool_size: int | None,
+                   n_references: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """(instructions, reference personas) the filter measures: seeded subsamples of the pool and of
+    the references (the shipped ones when None)."""
+    pool = list(pool if pool is not None else load_instructions())
+    refs = list(references if references is not None else load_reference_personas())
+    if pool_size and pool_size < len(pool):
+        pool = random.Random(seed).sample(pool, pool_size)
+    if n_references and n_references < len(refs):
+        refs = random.Random(seed + 1).sample(refs, n_references)
+    return pool, refs
+
+
 def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | None = None,
                         pool_size: int | None = None, references: list[str] | None = None,
                         n_references: int | None = None, band=None, seed: int = 0, batch_size: int = 64,
@@ -203,13 +222,7 @@ def select_instructions(model, tok, persona: str, n: int, *, pool: list[str] | N
 
     `pool_size` subsamples the pool (seeded) and `n_references` the reference personas, for speed.
     """
-    pool = list(pool if pool is not None else load_instructions())
-    refs = list(references if references is not None else load_reference_personas())
-    rng = random.Random(seed)
-    if pool_size and pool_size < len(pool):
-        pool = rng.sample(pool, pool_size)
-    if n_references and n_references < len(refs):
-        refs = random.Random(seed + 1).sample(refs, n_references)
+    pool, refs = sampled_inputs(pool, references, pool_size, n_references, seed)
     div = persona_divergence(model, tok, persona, pool, refs, band=band, batch_size=batch_size, center=center,
                              cache_dir=cache_dir, base_id=base_id, relative=relative, progress=progress)
     order = sorted(range(len(pool)), key=lambda i: (-float(div[i]), i))

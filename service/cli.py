@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +38,20 @@ def models_pull() -> None:
     from service.basemodels import pull_default
     from service.settings import get_settings
 
-    pull_default(get_settings().models)
+    out = pull_default(get_settings().models)
+    # the persona filter's reference states depend on the base only: computed here once, so that
+    # the first prune on this machine does not spend its first minutes on them
+    import torch
+
+    from pruning.model_io import load_model
+    from pruning.persona_pruner import warm_reference_states
+
+    t = time.time()
+    model, tok = load_model(out, dtype=torch.float32)  # as a prune loads it on the CPU
+    if warm_reference_states(model, tok):
+        typer.echo(f"computed the default profile's reference states in {time.time() - t:.0f} s")
+    else:
+        typer.echo("reference states already cached")
 
 
 @models_app.command("list")

@@ -21,6 +21,7 @@ def test_pull_is_idempotent_and_recorded(base_dir, models_dir):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "already installed" in r.stdout
+    assert "reference states already cached" in r.stdout  # computed by the first pull (make setup)
     assert time.time() - t < 60
 
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from pruning import PruneError
-from pruning.batching import channel_mask, kept_masks, make_examples
+from pruning.batching import channel_mask, kept_masks, make_examples, shared_prompt_len
 from pruning.evaluate import Evaluator
 from pruning.export import keep_count, read_manifest, select_kept
-from pruning.masklearn import VARIANTS, MaskLearnConfig, MaskTrainer, config_for, frozen, learn_scores, masked_losses
+from pruning.masklearn import (VARIANTS, MaskLearnConfig, MaskTrainer, config_for, dense_pass, fisher_diag, frozen,
+                               learn_scores, masked_losses)
 from pruning.methods import METHODS, PruneContext
 from pruning.model_io import load_model
-from pruning.persona_pruner import build_dataset, resolve_options
+from pruning.persona_pruner import build_dataset, persona_examples, resolve_options, warm_reference_states
 from pruning.prune import prune
 from pruning.sensitivity import persona_divergence
 from pruning.datasets import load_reference_personas
@@ -101,6 +102,39 @@ def test_trainers_share_one_dense_pass(dense, examples):
         assert float(again.loss(0)[0].detach()) == pytest.approx(float(first.loss(0)[0].detach()), rel=1e-6)
         with pytest.raises(PruneError, match="init_scores"):
             MaskTrainer(model, tok, examples[:4], K, cfg, dense=first.dense)
+
+
+def test_fused_dense_and_fisher_pass_equals_the_two_passes(dense, examples):
+    """The trainer's one forward and backward gives the dense targets, activation norms and Fisher
+    that a dense pass and then `fisher_diag` give."""
+    model, tok = dense
+    ex = examples[:6]
+    P = shared_prompt_len(ex)
+    with frozen(model):
+        t1, a1 = dense_pass(model, tok, ex, P, 4, 16)
+        f1 = fisher_diag(model, tok, ex, P, 4, dense=t1)
+        t2, a2, f2 = dense_pass(model, tok, ex, P, 4, 16, fisher=True)
+    assert t1.batches == t2.batches
+    for x, y in zip(t1.top_idx + t1.top_logp + t1.tail_logp, t2.top_idx + t2.top_logp + t2.tail_logp):
+        assert torch.equal(x, y)
+    for x, y in zip(a1 + f1, a2 + f2):
+        assert torch.allclose(x, y, rtol=1e-5, atol=0)
+    assert all(float(f.sum()) > 0 for f in f2)
+
+
+def test_warm_reference_states_are_the_ones_the_filter_reads(dense, tmp_path):
+    """`npc models pull` computes the reference states once; a prune's filter then reads them."""
+    model, tok = dense
+    assert warm_reference_states(model, tok, {"profile": "fast"}, cache_dir=tmp_path)
+    files = sorted((tmp_path / "sensitivity").glob("refs-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert not warm_reference_states(model, tok, {"profile": "fast"}, cache_dir=tmp_path)
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options={"profile": "fast"}, cache_dir=tmp_path)
+    with persona_examples(model, tok, ctx) as (_work, rows, _opts, info):  # as the method builds its data
+        assert rows and not info["dataset_cached"]
+    assert sorted((tmp_path / "sensitivity").glob("refs-*.pt")) == files
+    assert files[0].stat().st_mtime_ns == stamp
 
 
 def test_scale_phase_learns_only_the_kept_channels_scales(dense, examples):
