@@ -108,11 +108,17 @@ def in_precision(model, dtype: torch.dtype | None):
     with torch.no_grad():
         lossless = all(torch.equal(p.to(dtype).to(orig), p) for p in model.parameters())
     if lossless:
+        # the parameters round-trip exactly, floating buffers need not (rotary inv_freq): kept aside
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
         model.to(dtype)
         try:
             yield model
         finally:
             model.to(orig)
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
     else:
         work = copy.deepcopy(model).to(dtype)
         try:

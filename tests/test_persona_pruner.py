@@ -15,7 +15,8 @@ from pruning.masklearn import (VARIANTS, MaskLearnConfig, MaskTrainer, config_fo
                                learn_scores, masked_losses)
 from pruning.methods import METHODS, PruneContext
 from pruning.model_io import load_model
-from pruning.persona_pruner import build_dataset, persona_examples, resolve_options, warm_reference_states
+from pruning.persona_pruner import (build_dataset, in_precision, persona_examples, resolve_options,
+                                   warm_reference_states)
 from pruning.prune import prune
 from pruning.sensitivity import persona_divergence
 from pruning.datasets import load_reference_personas
@@ -120,6 +121,17 @@ def test_fused_dense_and_fisher_pass_equals_the_two_passes(dense, examples):
     for x, y in zip(a1 + f1, a2 + f2):
         assert torch.allclose(x, y, rtol=1e-5, atol=0)
     assert all(float(f.sum()) > 0 for f in f2)
+
+
+def test_working_precision_gives_the_model_back_unchanged(dense):
+    """bf16 work on the fp32 model in place: parameters and buffers (rotary inv_freq, which bf16
+    rounds) come back bit for bit, so later fp32 use (export checks, evaluation) sees the base."""
+    model, _ = dense
+    before = {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    with in_precision(model, torch.bfloat16) as work:
+        assert work is model and work.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    after = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
 
 
 def test_warm_reference_states_are_the_ones_the_filter_reads(dense, tmp_path):
