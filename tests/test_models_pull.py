@@ -23,6 +23,9 @@ def test_pull_is_idempotent_and_recorded(base_dir, models_dir):
     assert "already installed" in r.stdout
     assert "reference states already cached" in r.stdout  # computed by the first pull (make setup)
     assert time.time() - t < 60
+    r = subprocess.run([sys.executable, "-m", "service.cli", "models", "pull", "--no-warm"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already installed" in r.stdout and "reference states" not in r.stdout, r.stderr
 
 
 def test_serve_without_model_says_how_to_fix(tmp_path):
