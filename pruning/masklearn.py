@@ -213,14 +213,9 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
             state["mask"] = torch.tensor([[c < len(x) for c in range(T)] for x in sfx])
             rows, cols, tgt = scored_positions(examples, idx, P)
             if fish is not None:
-                m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
-                with torch.enable_grad(), channel_mask(model, lambda i: m[i]):
-                    hidden = forward_suffixes(model, kv, P, sfx, pad)
-                    state["mask"] = None
-                    logp = _logp_at(model, hidden, rows, cols)
-                    _fisher_backward(logp, tgt, rows, len(idx))
-                fish += (m.grad[:, :, 0, :].double() ** 2).sum(1)
-                logp = logp.detach()
+                g2, logp = _fisher_batch(model, kv, P, sfx, pad, rows, cols, tgt)
+                state["mask"] = None
+                fish += g2
             else:
                 hidden = forward_suffixes(model, kv, P, sfx, pad)
                 state["mask"] = None
@@ -243,12 +238,19 @@ def dense_pass(model, tok, examples: list[Example], P: int, batch_size: int, kl_
     return t, norms
 
 
-def _fisher_backward(logq: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, n: int) -> None:
-    """Backward of the sum over the batch's examples of each one's mean answer-token CE."""
-    ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
-    per_ex = torch.zeros(n).index_add(0, rows, ce.float().cpu())
-    counts = torch.bincount(rows, minlength=n).clamp_min(1)
-    (per_ex / counts).sum().backward()
+def _fisher_batch(model, kv, P: int, sfx: list[list[int]], pad: int, rows, cols, tgt):
+    """One batch's Fisher terms: the squared gradient of each example's mean CE on `tgt` with
+    respect to an all-ones channel mask, summed over the batch ((L, C) float64), and the
+    unmasked model's log-probs at the scored positions (detached)."""
+    blocks = ffn_blocks(model)
+    m = torch.ones(len(blocks), len(sfx), 1, blocks[0].down_proj.in_features, requires_grad=True)
+    with torch.enable_grad(), channel_mask(model, lambda i: m[i]):
+        logq = _logp_at(model, forward_suffixes(model, kv, P, sfx, pad), rows, cols)
+        ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
+        per_ex = torch.zeros(len(sfx)).index_add(0, rows, ce.float().cpu())
+        counts = torch.bincount(rows, minlength=len(sfx)).clamp_min(1)
+        (per_ex / counts).sum().backward()
+    return (m.grad[:, :, 0, :].double() ** 2).sum(1), logq.detach()
 
 
 def _kl_topk(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
@@ -318,15 +320,11 @@ def fisher_diag(model, tok, examples: list[Example], P: int, batch_size: int, *,
     kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
     batches = dense.batches if dense is not None else length_batches([len(e.ids) for e in examples], batch_size)
     for b, idx in enumerate(batches):
-        m = torch.ones(len(blocks), len(idx), 1, C, requires_grad=True)
-        with channel_mask(model, lambda i: m[i]):
-            hidden = forward_suffixes(model, kv, P, [examples[i].ids[P:] for i in idx], pad)
-            rows, cols, tgt = scored_positions(examples, idx, P)
-            if sampled and dense is not None:
-                pick = torch.multinomial(dense.top_logp[b].float().exp(), 1, generator=generator)[:, 0]
-                tgt = dense.top_idx[b].gather(1, pick[:, None])[:, 0]
-            _fisher_backward(_logp_at(model, hidden, rows, cols), tgt, rows, len(idx))
-        fisher += (m.grad[:, :, 0, :].double() ** 2).sum(1)
+        rows, cols, tgt = scored_positions(examples, idx, P)
+        if sampled and dense is not None:
+            pick = torch.multinomial(dense.top_logp[b].float().exp(), 1, generator=generator)[:, 0]
+            tgt = dense.top_idx[b].gather(1, pick[:, None])[:, 0]
+        fisher += _fisher_batch(model, kv, P, [examples[i].ids[P:] for i in idx], pad, rows, cols, tgt)[0]
     return list(fisher.float())
 
 
