@@ -3,11 +3,14 @@
 Every Persona-Pruner stage runs many chats that share one system prompt. The shared token
 prefix is run once (batch 1) and its keys/values are reused by every batch of suffixes
 (right padded, explicit position ids), which is exact and, for long persona prompts,
-several times cheaper than re-running the prompt for every row.
+several times cheaper than re-running the prompt for every row. On CPU the suffixes attend to
+the prefix through one shared copy of its keys/values (`_split_attention`) instead of a cache
+expanded per row.
 """
 
 from __future__ import annotations
 
+import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -152,13 +155,77 @@ def suffix_inputs(suffixes: list[list[int]], prefix_len: int, pad_id: int, devic
 
 
 def forward_suffixes(model, kv, prefix_len: int, suffixes: list[list[int]], pad_id: int):
-    """Final hidden states (B, T, H) of right-padded suffixes that continue a shared prefix."""
+    """Final hidden states (B, T, H) of right-padded suffixes that continue a shared prefix.
+
+    Outputs at pad positions are not meaningful (callers read real tokens only)."""
     dev = model_device(model)
     ids, mask, pos = suffix_inputs(suffixes, prefix_len, pad_id, dev)
+    if kv is not None and _split_attention_fits(model):
+        return _forward_split(model, kv, ids, pos)
     cache = _cache_for(model, kv, len(suffixes))
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                       use_cache=cache is not None)
     return out.last_hidden_state
+
+
+# The suffixes' attention split in two: over the shared prefix and over themselves. On CPU the
+# cache path attends every row to its own expanded copy of the prefix and its backward computes
+# key/value gradients for all of it; here one matmul per KV head serves the whole batch and the
+# (detached) prefix gets no gradient work. Exact up to rounding; a learning step behind a
+# 1,000-token persona prompt costs about a third less (docs/quality_experiments.md).
+_SPLIT = "npc_shared_prefix"
+_PREFIX_KV: contextvars.ContextVar = contextvars.ContextVar("npc_prefix_kv", default=None)
+# decoder-only families whose attention is plain causal softmax attention (no window, no softcap)
+_SPLIT_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _split_attention_fits(model) -> bool:
+    cfg = model.config
+    if model_device(model).type != "cpu" or cfg.model_type not in _SPLIT_TYPES:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    return cfg._attn_implementation in ("sdpa", "eager")
+
+
+def _forward_split(model, kv, ids, pos):
+    from transformers import AttentionInterface
+
+    if _SPLIT not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_SPLIT, _split_attention)
+    token = _PREFIX_KV.set(kv)
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = _SPLIT  # read per forward; no mask is built for it
+    try:
+        return model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    finally:
+        model.config._attn_implementation = impl
+        _PREFIX_KV.reset(token)
+
+
+def _split_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention of suffix queries over [prefix | causal suffix]; the prefix keys/values
+    (batch 1) come from `_PREFIX_KV`. Right padding needs no mask: a real token never sees a
+    later position. The products run in float32: in bf16 the scores' rounding doubled the mask
+    gradient's error against an fp32 reference (0.16 vs the SDPA kernel's 0.09), in float32 it
+    is the kernel's."""
+    kp, vp = _PREFIX_KV.get()[module.layer_idx]
+    dt = query.dtype
+    query, key, value, kp, vp = (x.float() for x in (query, key, value, kp, vp))
+    B, H, T, d = query.shape
+    G, P = kp.shape[1], kp.shape[2]  # KV heads, prefix length
+    g = H // G
+    # KV-head-major layout (G, B, g*T, d); the scale goes on the queries, the smallest tensor
+    q = (query * scaling).reshape(B, G, g * T, d).transpose(0, 1).contiguous()
+    s_pre = torch.bmm(q.view(G, B * g * T, d), kp[0].transpose(1, 2)).view(G, B, g * T, P)
+    s_suf = torch.matmul(q, key.transpose(0, 1).transpose(2, 3))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1).repeat(g, 1)
+    p = torch.softmax(torch.cat([s_pre, s_suf.masked_fill(future, float("-inf"))], -1), dim=-1)
+    out = torch.bmm(p[..., :P].view(G, B * g * T, P), vp[0]).view(G, B, g * T, d)
+    out = out + torch.matmul(p[..., P:], value.transpose(0, 1))
+    return out.view(G, B, g, T, d).permute(1, 3, 0, 2, 4).reshape(B, T, H, d).to(dt), None
 
 
 def pad_id_of(tok) -> int:

@@ -94,6 +94,39 @@ def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
     assert not torch.allclose(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("prefix_grad", [False, True])
+def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypatch, prefix_grad):
+    """The CPU path that attends to the shared prefix once per batch gives the hidden states and
+    mask gradients of the plain KV-cache path (fp32: up to rounding)."""
+    from pruning import batching
+
+    model, tok = dense
+    P = shared_prompt_len(examples)
+    sfx = [e.ids[P:] for e in examples[:4]]
+    assert P > 0 and len({len(x) for x in sfx}) > 1  # a shared prefix, and padding in the batch
+    real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+    out = []
+    for split in (True, False):
+        monkeypatch.setattr(batching, "_split_attention_fits", lambda m, s=split: s)
+        m = torch.ones(model.config.num_hidden_layers, 1536, requires_grad=True)
+        with frozen(model), channel_mask(model, lambda i: m[i]):
+            kv = batching.prefix_kv(model, examples[0].ids[:P], grad=prefix_grad)
+            h = batching.forward_suffixes(model, kv, P, sfx, batching.pad_id_of(tok))[real]
+            h.pow(2).mean().backward()
+        assert model.config._attn_implementation == "sdpa"  # switched back
+        out.append((h.detach(), m.grad))
+    (h1, g1), (h0, g0) = out
+    assert torch.allclose(h1, h0, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(g1, g0, atol=1e-6, rtol=1e-3)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-4
+
+
+def test_split_prefix_attention_is_used_on_cpu(dense):
+    from pruning import batching
+
+    assert batching._split_attention_fits(dense[0])
+
+
 def test_trainers_share_one_dense_pass(dense, examples):
     model, tok = dense
     cfg = MaskLearnConfig(steps=1, batch_size=4)
