@@ -171,8 +171,8 @@ def forward_suffixes(model, kv, prefix_len: int, suffixes: list[list[int]], pad_
 # The suffixes' attention split in two: over the shared prefix and over themselves. On CPU the
 # cache path attends every row to its own expanded copy of the prefix and its backward computes
 # key/value gradients for all of it; here one matmul per KV head serves the whole batch and the
-# (detached) prefix gets no gradient work. Exact up to rounding; a learning step behind a
-# 1,000-token persona prompt costs about a third less (docs/quality_experiments.md).
+# (detached) prefix gets no gradient work. Exact up to rounding; behind a 1,000-token persona
+# prompt a learning step costs about a fifth less, the dense pass a third (docs/quality_experiments.md).
 _SPLIT = "npc_shared_prefix"
 _PREFIX_KV: contextvars.ContextVar = contextvars.ContextVar("npc_prefix_kv", default=None)
 # decoder-only families whose attention is plain causal softmax attention (no window, no softcap)
