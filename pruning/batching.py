@@ -208,9 +208,9 @@ def _forward_split(model, kv, ids, pos):
 def _split_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Softmax attention of suffix queries over [prefix | causal suffix]; the prefix keys/values
     (batch 1) come from `_PREFIX_KV`. Right padding needs no mask: a real token never sees a
-    later position. The products run in float32: in bf16 the scores' rounding doubled the mask
-    gradient's error against an fp32 reference (0.16 vs the SDPA kernel's 0.09), in float32 it
-    is the kernel's."""
+    later position. The products run in float32, as inside the SDPA kernel: with bf16 products
+    the mask gradient's error against an fp32 reference was up to 1.7x the kernel's on one
+    batch (docs/quality_experiments.md)."""
     kp, vp = _PREFIX_KV.get()[module.layer_idx]
     dt = query.dtype
     query, key, value, kp, vp = (x.float() for x in (query, key, value, kp, vp))

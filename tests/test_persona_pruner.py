@@ -121,6 +121,31 @@ def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypat
     assert float((g1 - g0).norm() / g0.norm()) < 1e-4
 
 
+def test_split_prefix_attention_keeps_bf16_gradients_as_precise_as_sdpa(dense, examples, monkeypatch):
+    """Under bf16 weights the split path's mask gradient is no further from the fp32 one than the
+    SDPA kernel's (its products run in float32)."""
+    from pruning import batching
+
+    model, tok = dense
+    P = shared_prompt_len(examples)
+    sfx = [e.ids[P:] for e in examples[:4]]
+    real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+
+    def grad(split, work):
+        monkeypatch.setattr(batching, "_split_attention_fits", lambda m: split)
+        m = torch.ones(work.config.num_hidden_layers, 1536, requires_grad=True)
+        with frozen(work), channel_mask(work, lambda i: m[i]):
+            kv = batching.prefix_kv(work, examples[0].ids[:P])
+            h = batching.forward_suffixes(work, kv, P, sfx, batching.pad_id_of(tok))[real]
+            torch.log_softmax(work.lm_head(h).float(), -1).max(-1).values.mean().backward()
+        return m.grad
+
+    ref = grad(False, model)
+    with in_precision(model, torch.bfloat16) as work:
+        err = {split: float((grad(split, work) - ref).norm() / ref.norm()) for split in (True, False)}
+    assert err[True] < 1.2 * err[False], err
+
+
 def test_split_prefix_attention_is_used_on_cpu(dense):
     from pruning import batching
 
