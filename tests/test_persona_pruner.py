@@ -94,6 +94,13 @@ def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
     assert not torch.allclose(grads[0], grads[1])
 
 
+def _suffix_batch(examples):
+    """(shared prefix length, the first 4 suffixes, a mask of their real tokens in the padded batch)."""
+    P = shared_prompt_len(examples)
+    sfx = [e.ids[P:] for e in examples[:4]]
+    return P, sfx, torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+
+
 @pytest.mark.parametrize("prefix_grad", [False, True])
 def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypatch, prefix_grad):
     """The CPU path that attends to the shared prefix once per batch gives the hidden states and
@@ -101,10 +108,8 @@ def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypat
     from pruning import batching
 
     model, tok = dense
-    P = shared_prompt_len(examples)
-    sfx = [e.ids[P:] for e in examples[:4]]
+    P, sfx, real = _suffix_batch(examples)
     assert P > 0 and len({len(x) for x in sfx}) > 1  # a shared prefix, and padding in the batch
-    real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
     out = []
     for split in (True, False):
         monkeypatch.setattr(batching, "_split_attention_fits", lambda m, s=split: s)
@@ -127,9 +132,7 @@ def test_split_prefix_attention_keeps_bf16_gradients_as_precise_as_sdpa(dense, e
     from pruning import batching
 
     model, tok = dense
-    P = shared_prompt_len(examples)
-    sfx = [e.ids[P:] for e in examples[:4]]
-    real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+    P, sfx, real = _suffix_batch(examples)
 
     def grad(split, work):
         monkeypatch.setattr(batching, "_split_attention_fits", lambda m: split)
