@@ -94,33 +94,32 @@ def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
     assert not torch.allclose(grads[0], grads[1])
 
 
-def _suffix_batch(examples):
-    """(shared prefix length, the first 4 suffixes, a mask of their real tokens in the padded batch)."""
+def _suffix_forward(model, tok, examples, monkeypatch, split: bool, loss, prefix_grad: bool = False):
+    """(real-token hidden states, mask gradient of `loss(model, hidden)`) of the first 4 suffixes
+    behind the shared prefix, on the split path or the KV-cache path."""
+    from pruning import batching
+
     P = shared_prompt_len(examples)
     sfx = [e.ids[P:] for e in examples[:4]]
-    return P, sfx, torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+    assert P > 0 and len({len(x) for x in sfx}) > 1  # a shared prefix, and padding in the batch
+    real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
+    monkeypatch.setattr(batching, "_split_attention_fits", lambda m: split)
+    m = torch.ones(model.config.num_hidden_layers, 1536, requires_grad=True)
+    with frozen(model), channel_mask(model, lambda i: m[i]):
+        kv = batching.prefix_kv(model, examples[0].ids[:P], grad=prefix_grad)
+        h = batching.forward_suffixes(model, kv, P, sfx, batching.pad_id_of(tok))[real]
+        loss(model, h).backward()
+    assert model.config._attn_implementation == "sdpa"  # switched back
+    return h.detach(), m.grad
 
 
 @pytest.mark.parametrize("prefix_grad", [False, True])
 def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypatch, prefix_grad):
     """The CPU path that attends to the shared prefix once per batch gives the hidden states and
     mask gradients of the plain KV-cache path (fp32: up to rounding)."""
-    from pruning import batching
-
     model, tok = dense
-    P, sfx, real = _suffix_batch(examples)
-    assert P > 0 and len({len(x) for x in sfx}) > 1  # a shared prefix, and padding in the batch
-    out = []
-    for split in (True, False):
-        monkeypatch.setattr(batching, "_split_attention_fits", lambda m, s=split: s)
-        m = torch.ones(model.config.num_hidden_layers, 1536, requires_grad=True)
-        with frozen(model), channel_mask(model, lambda i: m[i]):
-            kv = batching.prefix_kv(model, examples[0].ids[:P], grad=prefix_grad)
-            h = batching.forward_suffixes(model, kv, P, sfx, batching.pad_id_of(tok))[real]
-            h.pow(2).mean().backward()
-        assert model.config._attn_implementation == "sdpa"  # switched back
-        out.append((h.detach(), m.grad))
-    (h1, g1), (h0, g0) = out
+    (h1, g1), (h0, g0) = (_suffix_forward(model, tok, examples, monkeypatch, split,
+                                          lambda _m, h: h.pow(2).mean(), prefix_grad) for split in (True, False))
     assert torch.allclose(h1, h0, atol=1e-3, rtol=1e-4)
     assert torch.allclose(g1, g0, atol=1e-6, rtol=1e-3)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-4
@@ -129,23 +128,15 @@ def test_split_prefix_attention_equals_the_cache_path(dense, examples, monkeypat
 def test_split_prefix_attention_keeps_bf16_gradients_as_precise_as_sdpa(dense, examples, monkeypatch):
     """Under bf16 weights the split path's mask gradient is no further from the fp32 one than the
     SDPA kernel's (its products run in float32)."""
-    from pruning import batching
-
     model, tok = dense
-    P, sfx, real = _suffix_batch(examples)
 
-    def grad(split, work):
-        monkeypatch.setattr(batching, "_split_attention_fits", lambda m: split)
-        m = torch.ones(work.config.num_hidden_layers, 1536, requires_grad=True)
-        with frozen(work), channel_mask(work, lambda i: m[i]):
-            kv = batching.prefix_kv(work, examples[0].ids[:P])
-            h = batching.forward_suffixes(work, kv, P, sfx, batching.pad_id_of(tok))[real]
-            torch.log_softmax(work.lm_head(h).float(), -1).max(-1).values.mean().backward()
-        return m.grad
+    def top_logp(work, h):
+        return torch.log_softmax(work.lm_head(h).float(), -1).max(-1).values.mean()
 
-    ref = grad(False, model)
+    ref = _suffix_forward(model, tok, examples, monkeypatch, False, top_logp)[1]
     with in_precision(model, torch.bfloat16) as work:
-        err = {split: float((grad(split, work) - ref).norm() / ref.norm()) for split in (True, False)}
+        err = {split: float((_suffix_forward(work, tok, examples, monkeypatch, split, top_logp)[1] - ref).norm()
+                            / ref.norm()) for split in (True, False)}
     assert err[True] < 1.2 * err[False], err
 
 
