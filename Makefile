@@ -40,6 +40,7 @@ test-system-deps:
 	fi
 
 test: setup test-system-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,6 +1,6 @@
 """Time the first-NPC path on a fresh `npc serve`: POST -> ready, engine warm, chat latency.
 
-    .venv/bin/python benchmarks/first_npc.py [--method activation] [--sparsity 0.25]
+    .venv/bin/python -m benchmarks.first_npc [--method activation] [--sparsity 0.25]
 
 Starts its own server on a temporary data dir (embedded Redis, one worker, vLLM on CPU),
 prints one JSON object of timings, and stops everything.
@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import PERSONA_A, Server, _default_models_dir  # noqa: E402
+from service.devserver import Server, default_models_dir
+
+PERSONA_A = ("A grumpy old pirate captain named Rook who loves rum, hates the navy, "
+             "and speaks in salty sea slang about storms, treasure and his ship.")
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     from openai import OpenAI
 
     with tempfile.TemporaryDirectory() as tmp:
-        srv = Server(Path(tmp), _default_models_dir()).start()
+        srv = Server(Path(tmp), default_models_dir()).start()
         try:
             t0 = time.time()
             rec = srv.create_npc("Captain Rook", PERSONA_A, sparsity=args.sparsity, method=args.method)

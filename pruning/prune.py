@@ -9,13 +9,15 @@ from typing import Callable
 
 import torch
 
-from pruning import PruneError, check_number
+from pruning import PruneError
+from pruning.checkpoint import drop_layers_inplace, export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
 from pruning.datasets import calibration_prompts
-from pruning.export import export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
-from pruning.methods import PruneContext, get_method
+from pruning.methods.persona_pruner.data import base_identity, build_dataset, default_cache_dir, rows_to_examples
+from pruning.methods.registry import LayerScores, PruneContext, get_method, layers_to_drop
 from pruning.model_io import intermediate_sizes, load_model
-
-MAX_SPARSITY = 0.9
+from pruning.options import (DATA_METHODS, MAX_SPARSITY, RECOVERY_DEFAULTS, RECOVERY_OPTIONS, check_options,
+                             resolve_options)
+from pruning.recovery import lora_recover
 
 
 def check_args(persona: str, sparsity: float, method: str) -> None:
@@ -30,23 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-RECOVERY_OPTIONS = {"recover", "lora_steps", "lora_rank", "lora_lr"}
-
-
-def check_options(method: str, options: dict) -> None:
-    from pruning.persona_pruner import OPTIONS
-
-    unknown = set(options) - OPTIONS - RECOVERY_OPTIONS
-    if unknown:
-        raise PruneError(f"unknown options for {method}: {', '.join(sorted(unknown))}")
-    if "recover" in options and not isinstance(options["recover"], bool):
-        raise PruneError(f"option recover must be true or false, got {options['recover']!r}")
-    for name, lo, hi, integer in (("lora_steps", 1, 5000, True), ("lora_rank", 1, 256, True),
-                                  ("lora_lr", 0, 1, False)):
-        if options.get(name) is not None:
-            check_number(name, options[name], lo, hi, integer=integer)
 
 
 def prune(
@@ -71,9 +56,6 @@ def prune(
     `system_prompt` is the chat-time system prompt when it is not the persona text itself;
     `cache_dir` holds reusable intermediate data (persona-pruner's synthetic sets).
     """
-    from pruning.methods import LayerScores, layers_to_drop
-    from pruning.persona_pruner import DATA_METHODS
-
     options = dict(options or {})
     check_args(persona, sparsity, method)
     check_options(method, options)
@@ -139,22 +121,16 @@ def prune(
 
 def _recover(model, tok, kept, dropped, ctx, options, lora, seed, progress) -> dict:
     """LoRA on the persona's synthetic set (built or read from the cache), merged into `model`."""
-    from pruning.batching import make_examples
-    from pruning.export import drop_layers_inplace
-    from pruning.persona_pruner import base_identity, build_dataset, default_cache_dir, resolve_options
-    from pruning.recovery import lora_recover
-
     data_ctx = PruneContext(persona=ctx.persona, seed=seed, sparsity=ctx.sparsity, system_prompt=ctx.system_prompt,
                             options=options, cache_dir=ctx.cache_dir, stage=ctx.stage)
-    opts = resolve_options(data_ctx)
+    opts = resolve_options(options)
     cache = (ctx.cache_dir or default_cache_dir()) if opts["use_cache"] else None
     rows, _ = build_dataset(model, tok, data_ctx, opts, base_identity(model), cache)
-    examples = make_examples(tok, data_ctx.chat_system, [r["instruction"] for r in rows],
-                             [r["answer"] for r in rows], [bool(r.get("finished", True)) for r in rows])
+    examples = rows_to_examples(tok, data_ctx.chat_system, rows)
     ctx.stage("recovering")
     if dropped:
         drop_layers_inplace(model, dropped)
         dropped.clear()  # already applied; export must not drop again
-    return lora_recover(model, tok, kept, examples, steps=int(lora.get("lora_steps", 30)),
-                        rank=int(lora.get("lora_rank", 8)), lr=float(lora.get("lora_lr", 5e-4)), seed=seed,
-                        progress=progress)
+    lora = {**RECOVERY_DEFAULTS, **lora}
+    return lora_recover(model, tok, kept, examples, steps=int(lora["lora_steps"]), rank=int(lora["lora_rank"]),
+                        lr=float(lora["lora_lr"]), seed=seed, progress=progress)

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 from pruning import PruneError
-from pruning.batching import Example, channel_mask, kept_masks, pad_id_of
+from pruning.chat import pad_id_of
+from pruning.model_io import model_device
+from pruning.prefix_forward import Example, channel_mask, kept_masks
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +47,7 @@ def lora_recover(model, tok, kept: list[torch.Tensor] | None, examples: list[Exa
     t0 = time.time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none")
     peft_model = get_peft_model(model, cfg)

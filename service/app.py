@@ -11,13 +11,14 @@ from arq.connections import RedisSettings
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from service import ckpt_store, errors, metrics, redis_embedded
-from service.api import chat, health, npcs
-from service.engines import EnginePool
-from service.serving_chat import ChatServing
-from service.serving_completions import CompletionServing
+from service import errors, metrics, redis_embedded
+from service.api import admin, health, npcs, openai
+from service.engines.pool import EnginePool
+from service.npcs.checkpoints import from_settings as checkpoint_store
+from service.npcs.records import NpcStore
+from service.serving.chat import ChatServing
+from service.serving.completions import CompletionServing
 from service.settings import Settings, get_settings
-from service.store import NpcStore
 
 MAX_BODY_BYTES = 1 << 20
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.queue = await create_pool(RedisSettings.from_dsn(url))
         await asyncio.to_thread(_import_engine_libs)
         app.state.engines = EnginePool(settings)
-        app.state.ckpts = ckpt_store.from_settings(settings)
+        app.state.ckpts = checkpoint_store(settings)
         app.state.chat = ChatServing(app.state.store, app.state.engines, settings, app.state.ckpts)
         app.state.completions = CompletionServing(app.state.store, app.state.engines, settings, app.state.ckpts)
         app.state.engines.start_reaper()
@@ -102,5 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(npcs.router)
-    app.include_router(chat.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
     return app

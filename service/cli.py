@@ -49,7 +49,7 @@ def models_pull(
     import torch
 
     from pruning.model_io import load_model
-    from pruning.persona_pruner import warm_reference_states
+    from pruning.methods.persona_pruner.data import warm_reference_states
 
     t = time.time()
     model, tok = load_model(out, dtype=torch.float32)  # as a prune loads it on the CPU
@@ -124,7 +124,7 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
 @app.command()
 def worker() -> None:
     """Run one pruning worker (needs REDIS_URL; on other hosts also the shared data dir)."""
-    from service import worker as worker_mod
+    from service.jobs import worker as worker_mod
     from service.settings import get_settings
 
     settings = get_settings()
@@ -175,7 +175,8 @@ def prune(
 ) -> None:
     """Prune a base model for one persona and export a compact checkpoint."""
     from pruning.model_io import resolve_base
-    from pruning.prune import check_args, check_options, prune as run_prune
+    from pruning.options import check_options
+    from pruning.prune import check_args, prune as run_prune
     from service.settings import get_settings
 
     try:
@@ -237,7 +238,7 @@ def eval_cmd(
 ) -> None:
     """Score a pruned model against its dense base: KL, NLL, attribution, multi-turn, efficiency, judge."""
     from pruning.datasets import load_reference_personas
-    from pruning.eval_run import EvalOptions, run_eval
+    from pruning.eval.run import EvalOptions, run_eval
     from service.settings import get_settings
 
     try:
@@ -271,7 +272,7 @@ def create(
     persona: Optional[str] = typer.Option(None, help="persona description"),
     card: Optional[Path] = typer.Option(None, help="character card: PNG or JSON"),
     sparsity: float = typer.Option(0.25),
-    method: str = typer.Option("activation"),
+    method: Optional[str] = typer.Option(None, help="pruning method (default: the server's, persona-pruner)"),
     url: str = typer.Option("http://127.0.0.1:8000", envvar="NPC_URL", help="the NPC server"),
     api_key: Optional[str] = typer.Option(None, envvar="NPC_API_KEY"),
     wait: bool = typer.Option(True, help="follow the job with a progress bar until it ends"),
@@ -288,7 +289,8 @@ def create(
                            files={"card": (card.name, card.read_bytes())})
         else:
             r = httpx.post(f"{url}/v1/npcs", headers=headers, timeout=60,
-                           json={"name": name, "persona": persona, "sparsity": sparsity, "method": method})
+                           json={"name": name, "persona": persona, "sparsity": sparsity,
+                                 **({"method": method} if method else {})})
     except (httpx.HTTPError, OSError) as e:
         _fail(f"cannot reach {url}: {e}")
     if r.status_code >= 400:

@@ -1,14 +1,16 @@
-"""Request and response models of the public API (OpenAI-compatible where it overlaps)."""
+"""Request and response models of the public API (OpenAI-compatible where it overlaps).
+
+Importable without torch: options are checked by `pruning.options`, which needs none.
+"""
 
 from __future__ import annotations
-
-import json
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pruning.methods import METHODS
+from pruning import PruneError
+from pruning.options import METHOD_NAMES, validate_request_options
 
 MAX_PERSONA_CHARS = 4000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'\-]{0,63}$"
@@ -49,37 +51,19 @@ class NpcCreate(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str | None) -> str | None:
-        if v is not None and v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        if v is not None and v not in METHOD_NAMES:
+            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHOD_NAMES))}")
         return v
 
     @field_validator("options")
     @classmethod
     def _known_options(cls, v: dict | None) -> dict | None:
-        from pruning.persona_pruner import OPTIONS
-        from pruning.prune import RECOVERY_OPTIONS
-
         if not v:
             return v
-        unknown = set(v) - OPTIONS - RECOVERY_OPTIONS - {"pool_path", "references_path"} | (
-            set(v) & {"pool_path", "references_path", "teacher_url", "cache_dir"})
-        if unknown:  # server-side paths and outbound URLs are not for API callers
-            raise ValueError(f"unknown or not allowed options: {', '.join(sorted(unknown))}")
-        if v.get("profile") not in (None, "fast", "default", "thorough"):
-            raise ValueError(f"unknown profile {v['profile']!r}; choose fast, default or thorough")
-        from pruning import PruneError
-        from pruning.methods import PruneContext
-        from pruning.persona_pruner import learn_config, resolve_options
-        from pruning.prune import check_options
-
-        try:  # values too (types, ranges): a bad one is a 400 now, not a failed job later
-            check_options("persona-pruner", v)
-            method_opts = {k: x for k, x in v.items() if k not in RECOVERY_OPTIONS}
-            learn_config(resolve_options(PruneContext(persona="-", options=method_opts)))
+        try:  # keys and values (types, ranges): a bad one is a 400 now, not a failed job later
+            validate_request_options(v)
         except PruneError as e:
             raise ValueError(str(e)) from None
-        if len(json.dumps(v, default=str)) > 4096:
-            raise ValueError("options too large")
         return v
 
 
@@ -229,3 +213,74 @@ class CompletionRequest(KeepAliveMixin):
         if v:
             raise ValueError("suffix (insertion) is not supported")
         return v
+
+
+# -- responses ------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> "Usage":
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+
+
+class _Response(BaseModel):
+    """What every completion response and stream chunk carries."""
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # sent (null until the last chunk) only with stream_options.include_usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
+
+
+class TextCompletion(_Response):
+    """A /v1/completions response, and each of its stream's chunks (OpenAI uses one object for both)."""
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+def chunk_json(chunk: BaseModel, include_usage: bool) -> str:
+    return chunk.model_dump_json(exclude=None if include_usage else {"usage"})

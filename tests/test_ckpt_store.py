@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from pruning.export import MANIFEST, CorruptCheckpoint, verify_checkpoint
-from pruning.model_io import sha256_file
-from service.ckpt_store import CheckpointStore
+from pruning.manifest import MANIFEST, CorruptCheckpoint, Manifest, sha256_file
+from service.npcs.checkpoints import CheckpointStore
 from tests.conftest import free_port
 
 
@@ -50,7 +49,7 @@ def test_local_store_is_the_directory(tmp_path):
     store = CheckpointStore(None, tmp_path / "cache")
     assert store.publish(d, "npc-1") == str(d)
     assert store.fetch(str(d)) == d
-    verify_checkpoint(d)
+    Manifest.verify(d)
 
 
 def test_s3_publish_fetch_verify(tmp_path, s3):
@@ -61,7 +60,7 @@ def test_s3_publish_fetch_verify(tmp_path, s3):
     assert ref == "s3://npcs/prod/npc-2"
     local = store.fetch(ref)
     assert local != d and (local / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
-    verify_checkpoint(local)
+    Manifest.verify(local)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
 
     # another host's cache: a corrupted object in the store is refused, nothing half-written is kept

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service.protocol import ChatCompletionRequest
-from service.serving_chat import ChatServing
+from service.serving.chat import ChatServing
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.judge import judge, score_logprobs
+from pruning.eval.judge import judge, score_logprobs
 from tests.conftest import PERSONA_A, ROOT, SHARED
 
 EVAL = SHARED / "data/eval"
@@ -92,13 +92,14 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, base_dir, fast_npc):
 def test_recovery_merges_lora_and_marks_the_checkpoint(tmp_path, base_dir):
     from safetensors.torch import load_file
 
-    from pruning.export import kept_from_json, materialize, read_manifest
+    from pruning.checkpoint import kept_from_json, materialize
+    from pruning.manifest import Manifest
     from pruning.prune import prune
 
     out = tmp_path / "rec"
     prune(base_dir, PERSONA_A, 0.25, "activation", out, n_calibration=4, cache_dir=tmp_path / "cache",
           options={"recover": True, "profile": "fast", "lora_steps": 3})
-    m = read_manifest(out)
+    m = Manifest.read(out)
     assert m["compact"] is False and m["recovery"]["steps"] == 3
     assert math.isfinite(m["recovery"]["loss_first"]) and math.isfinite(m["recovery"]["loss_last"])
     exported = load_file(out / "model.safetensors")
@@ -110,7 +111,7 @@ def test_recovery_merges_lora_and_marks_the_checkpoint(tmp_path, base_dir):
 
 
 def test_attribution_finds_the_right_persona():
-    from pruning.attribution import attribution
+    from pruning.eval.attribution import attribution
     from pruning.datasets import load_reference_personas
 
     answers = ["Arr, the sea be rough tonight and me ship needs rum, ye scurvy navy dogs!",

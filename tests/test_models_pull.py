@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from pruning.model_io import checkpoint_sha256
+from pruning.manifest import checkpoint_sha256
 
 
 def test_pull_is_idempotent_and_recorded(base_dir, models_dir):

@@ -8,18 +8,20 @@ import pytest
 import torch
 
 from pruning import PruneError
-from pruning.batching import channel_mask, kept_masks, make_examples, shared_prompt_len
-from pruning.evaluate import Evaluator
-from pruning.export import keep_count, read_manifest, select_kept
-from pruning.masklearn import (VARIANTS, MaskLearnConfig, MaskTrainer, config_for, dense_pass, fisher_diag, frozen,
-                               learn_scores, masked_losses)
-from pruning.methods import METHODS, PruneContext
-from pruning.model_io import load_model
-from pruning.persona_pruner import (build_dataset, in_precision, persona_examples, resolve_options,
-                                   warm_reference_states)
-from pruning.prune import prune
-from pruning.sensitivity import persona_divergence
+from pruning.checkpoint import keep_count, select_kept
 from pruning.datasets import load_reference_personas
+from pruning.eval.metrics import Evaluator
+from pruning.manifest import Manifest
+from pruning.methods import METHODS, PruneContext
+from pruning.methods.persona_pruner.data import build_dataset, persona_examples, warm_reference_states
+from pruning.methods.persona_pruner.masklearn import MaskTrainer, learn_scores
+from pruning.methods.persona_pruner.precision import in_precision
+from pruning.methods.persona_pruner.sensitivity import persona_divergence
+from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses
+from pruning.model_io import frozen, load_model
+from pruning.options import VARIANTS, MaskLearnConfig, config_for, resolve_options
+from pruning.prefix_forward import channel_mask, kept_masks, make_examples, shared_prompt_len
+from pruning.prune import prune
 from tests.conftest import PERSONA_A
 
 K = keep_count(1536, 0.25)
@@ -40,9 +42,9 @@ def fast_rows(dense, cache_dir):
     """The fast profile's filtered + rewritten synthetic set for PERSONA_A."""
     model, tok = dense
     ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options={"profile": "fast"}, cache_dir=cache_dir)
-    rows, info = build_dataset(model, tok, ctx, resolve_options(ctx), "test-base", cache_dir)
+    rows, info = build_dataset(model, tok, ctx, resolve_options(ctx.options), "test-base", cache_dir)
     assert not info["dataset_cached"] and len(rows) >= 4
-    again, info2 = build_dataset(model, tok, ctx, resolve_options(ctx), "test-base", cache_dir)
+    again, info2 = build_dataset(model, tok, ctx, resolve_options(ctx.options), "test-base", cache_dir)
     assert info2["dataset_cached"] and again == rows  # the JSONL cache round-trips
     return rows
 
@@ -97,17 +99,18 @@ def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):
 def _suffix_forward(model, tok, examples, monkeypatch, split: bool, loss, prefix_grad: bool = False):
     """(real-token hidden states, mask gradient of `loss(model, hidden)`) of the first 4 suffixes
     behind the shared prefix, on the split path or the KV-cache path."""
-    from pruning import batching
+    from pruning import prefix_forward
+    from pruning.chat import pad_id_of
 
     P = shared_prompt_len(examples)
     sfx = [e.ids[P:] for e in examples[:4]]
     assert P > 0 and len({len(x) for x in sfx}) > 1  # a shared prefix, and padding in the batch
     real = torch.tensor([[c < len(x) for c in range(max(map(len, sfx)))] for x in sfx])
-    monkeypatch.setattr(batching, "_split_attention_fits", lambda m: split)
+    monkeypatch.setattr(prefix_forward, "_split_attention_fits", lambda m: split)
     m = torch.ones(model.config.num_hidden_layers, 1536, requires_grad=True)
     with frozen(model), channel_mask(model, lambda i: m[i]):
-        kv = batching.prefix_kv(model, examples[0].ids[:P], grad=prefix_grad)
-        h = batching.forward_suffixes(model, kv, P, sfx, batching.pad_id_of(tok))[real]
+        kv = prefix_forward.prefix_kv(model, examples[0].ids[:P], grad=prefix_grad)
+        h = prefix_forward.forward_suffixes(model, kv, P, sfx, pad_id_of(tok))[real]
         loss(model, h).backward()
     assert model.config._attn_implementation == "sdpa"  # switched back
     return h.detach(), m.grad
@@ -141,9 +144,9 @@ def test_split_prefix_attention_keeps_bf16_gradients_as_precise_as_sdpa(dense, e
 
 
 def test_split_prefix_attention_is_used_on_cpu(dense):
-    from pruning import batching
+    from pruning import prefix_forward
 
-    assert batching._split_attention_fits(dense[0])
+    assert prefix_forward._split_attention_fits(dense[0])
 
 
 def test_trainers_share_one_dense_pass(dense, examples):
@@ -232,22 +235,22 @@ def test_scale_phase_learns_only_the_kept_channels_scales(dense, examples):
     ({"teacher_temperature": -1}, "teacher_temperature"),
 ])
 def test_bad_option_values_fail_before_any_work(bad, msg):
-    from pruning.persona_pruner import learn_config
+    from pruning.options import learn_config
 
     with pytest.raises(PruneError, match=msg):
-        learn_config(resolve_options(PruneContext(persona="-", options=bad)))
+        learn_config(resolve_options(bad))
 
 
 def test_teacher_backend_auto(dense, monkeypatch):
-    from pruning import vllm_gen
-    from pruning.synth import AUTO_VLLM_MIN, resolve_backend
+    from pruning.generate import vllm_engine
+    from pruning.methods.persona_pruner.teacher import AUTO_VLLM_MIN, resolve_backend
 
     model, _ = dense
     assert resolve_backend("hf", model, 1000) == "hf"
     with pytest.raises(PruneError, match="teacher_backend"):
         resolve_backend("gpu", model, 1000)
     assert resolve_backend("auto", model, AUTO_VLLM_MIN - 1) == "hf"  # an engine start does not pay off
-    assert resolve_backend("auto", model, AUTO_VLLM_MIN) == ("vllm" if vllm_gen.available() else "hf")
+    assert resolve_backend("auto", model, AUTO_VLLM_MIN) == ("vllm" if vllm_engine.available() else "hf")
     monkeypatch.setenv("NPC_NO_VLLM", "1")
     assert resolve_backend("auto", model, 1000) == "hf"
 
@@ -315,7 +318,7 @@ def test_prune_with_persona_pruner_exports_a_loadable_checkpoint(base_dir, tmp_p
     out = tmp_path / "npc"
     assert summary["kept_per_layer"] == K
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == K
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     assert manifest["method"] == "persona-pruner"
     assert manifest["persona_pruner"]["profile"] == "fast"
     stages = {s for _, s in progress}
@@ -343,13 +346,13 @@ def test_channel_scales_export_compact_form_and_mask_adapter(base_dir, tmp_path,
     mask, the compact form (indices + scales) rebuilds it exactly, and the serving mask carries them."""
     from safetensors.torch import load_file
 
-    from pruning.export import kept_from_json, materialize, scales_from_json
-    from service.vllm_masks import write_mask_adapter
+    from pruning.checkpoint import kept_from_json, materialize, scales_from_json
+    from service.engines.vllm_ext.masks import write_mask_adapter
 
     prune(base_dir, PERSONA_A, 0.25, "persona-pruner", tmp_path / "npc", cache_dir=cache_dir,
           options={"profile": "fast", "scale_lr": 0.05})  # the fast profile learns 4 scale steps
     out = tmp_path / "npc"
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     assert manifest["persona_pruner"]["scale_steps"] == 4
     kept, scales = kept_from_json(manifest["kept_indices"]), scales_from_json(manifest["channel_scales"])
     assert [len(s) for s in scales] == [K] * len(kept)
@@ -403,7 +406,7 @@ def test_sensitivity_sees_the_whole_of_a_long_persona(dense):
     """The filter's states depend on the start of a persona longer than its max_length (they
     once kept only each sequence's last 256 tokens, so two such personas differing in their
     first line looked the same), and the long prompt is still run once, as a shared prefix."""
-    from pruning.sensitivity import band_states
+    from pruning.methods.persona_pruner.sensitivity import band_states
 
     model, tok = dense
     tail = " You keep a detailed diary of the weather and of every visitor." * 40  # ~500 tokens
@@ -450,10 +453,10 @@ def test_activation_persona_scores_the_personas_synthetic_set(dense, cache_dir, 
 def test_data_budget_shrinks_the_set_only_behind_a_long_persona(dense):
     """The default profile answers 256 instructions, fewer behind a persona prompt so long that
     256 would pass its data_tokens (every stage runs the whole prompt per example); never < 64."""
-    from pruning.persona_pruner import data_budget
+    from pruning.methods.persona_pruner.data import data_budget
 
     _, tok = dense
-    opts = resolve_options(PruneContext(persona="-"))
+    opts = resolve_options({})
     assert data_budget(tok, PERSONA_A, opts) == 256
     long = "You are a lighthouse keeper who writes down every ship that passes. " * 70  # ~1,000 tokens
     n = data_budget(tok, long, opts)
@@ -461,4 +464,4 @@ def test_data_budget_shrinks_the_set_only_behind_a_long_persona(dense):
     assert data_budget(tok, long * 4, opts) == 64
     assert data_budget(tok, long, {**opts, "data_tokens": None}) == 256
     with pytest.raises(PruneError, match="data_tokens"):
-        resolve_options(PruneContext(persona="-", options={"data_tokens": 10}))
+        resolve_options({"data_tokens": 10})

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from pruning import PruneError
+from pruning.checkpoint import (export_checkpoint, keep_count, kept_from_json, materialize, scales_from_json,
+                                scales_to_json, select_kept, zero_dropped)
 from pruning.datasets import calibration_prompts, load_instructions, load_reference_personas
-from pruning.export import (export_checkpoint, keep_count, kept_from_json, materialize, read_manifest,
-                            scales_from_json, scales_to_json, select_kept, zero_dropped)
+from pruning.manifest import Manifest
 from pruning.methods import METHODS, LayerScores, PruneContext, get_method
 from pruning.model_io import load_model
 from pruning.prune import check_args
@@ -99,7 +100,7 @@ def test_taylor_is_first_order_importance(dense):
 
 
 def test_depth_drops_blocks_matching_parameters(base_dir, tmp_path, dense):
-    from pruning.export import drop_layers_inplace
+    from pruning.checkpoint import drop_layers_inplace
     from pruning.methods import block_param_counts, blocks_to_drop
     from pruning.prune import prune
 
@@ -111,7 +112,7 @@ def test_depth_drops_blocks_matching_parameters(base_dir, tmp_path, dense):
     summary = prune(base_dir, PERSONA_A, 0.25, "depth", tmp_path / "d", n_calibration=4)
     dropped = summary["dropped_layers"]
     assert len(dropped) == n
-    manifest = read_manifest(tmp_path / "d")
+    manifest = Manifest.read(tmp_path / "d")
     assert manifest["dropped_layers"] == dropped and manifest["num_hidden_layers"] == 30 - n
     pruned, _ = load_model(tmp_path / "d", dtype=torch.float32)
     assert len(pruned.model.layers) == 30 - n
@@ -165,7 +166,7 @@ def test_export_equals_masked_dense(base_dir, tmp_path, activation_kept):
         rel = (e - g).abs().max() / e.abs().max()
         assert rel < 1e-4, rel
 
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     for key in ("base_model", "base_sha256", "method", "sparsity", "kept_indices", "persona", "created"):
         assert key in manifest
     assert [k.tolist() for k in kept_from_json(manifest["kept_indices"])] == [k.tolist() for k in kept]
@@ -215,3 +216,39 @@ def test_cli_prune_exports(tmp_path, base_dir):
     assert summary["kept_per_layer"] == 768
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 768
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_chat_ids_are_the_templates_text_tokenised(base_dir):
+    """`pruning.chat` tokenises through apply_chat_template(tokenize=True); the call sites it
+    replaced rendered the text and tokenised it without special tokens: the same ids."""
+    from transformers import AutoTokenizer
+
+    from pruning.chat import chat_ids, messages, prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    convs = [messages("Who are you?"), messages("Who are you?", PERSONA_A), messages("", PERSONA_A),
+             messages("Why?", PERSONA_A, [("Hi", "Arr."), ("Where?", "At sea.")]),
+             messages("Summarise: " + "words " * 300, "A very long persona. " * 100)]
+    for msgs in convs:
+        for gen in (True, False):
+            text = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+            assert chat_ids(tok, msgs, add_generation_prompt=gen) == list(
+                tok(text, add_special_tokens=False)["input_ids"])
+    # the cap is on the user's part, never on the system prompt
+    system = chat_ids(tok, messages("x", PERSONA_A)[:1], add_generation_prompt=False)
+    capped = prompt_ids(tok, "Summarise: " + "words " * 300, PERSONA_A, max_user_tokens=5)
+    assert capped[:len(system)] == system and len(capped) == len(system) + 5
+    assert prompt_ids(tok, "Hi", PERSONA_A) == chat_ids(tok, messages("Hi", PERSONA_A))
+
+
+def test_method_names_are_the_registry():
+    from pruning.options import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)
+
+
+def test_options_manifest_and_chat_import_without_torch():
+    code = ("import sys; import pruning.options, pruning.manifest, pruning.files, pruning.chat, pruning.model_io, "
+            "pruning.engine_args, pruning.methods; assert 'torch' not in sys.modules, sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr

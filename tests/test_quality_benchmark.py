@@ -15,7 +15,7 @@ EVAL = SHARED / "data" / "eval"
 
 
 def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "benchmarks/quality.py", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.quality", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
 
 

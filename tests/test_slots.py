@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 async def _register(url: str, recs: list[dict]) -> None:
     from redis.asyncio import Redis
 
-    from service.store import NpcStore
+    from service.npcs.records import NpcStore
 
     r = Redis.from_url(url)
     for rec in recs:

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.api import deps
-from service.worker import QUEUE, live_workers
+from service.jobs.queue import live_workers, queue_depth
 
 router = APIRouter(tags=["health"])
 
@@ -22,11 +22,6 @@ async def healthz(store=Depends(deps.store)) -> dict:
 async def prometheus_metrics(store=Depends(deps.store)) -> Response:
     for state, n in (await store.count_by_status()).items():
         metrics.JOBS.labels(state=state).set(n)
-    metrics.QUEUE_DEPTH.set(await store.r.zcard(QUEUE))
+    metrics.QUEUE_DEPTH.set(await queue_depth(store.r))
     metrics.WORKERS_LIVE.set(len(await live_workers(store.r)))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/v1/workers", dependencies=[Depends(deps.require_admin)])
-async def workers(store=Depends(deps.store)) -> dict:
-    return {"object": "list", "data": await live_workers(store.r)}

@@ -16,13 +16,14 @@ from sse_starlette.sse import EventSourceResponse
 
 from pruning import PruneError
 from pruning.model_io import resolve_base
-from pruning.persona_pruner import DATA_METHODS
+from pruning.options import DATA_METHODS
 from service.api import deps
-from service.cards import card_to_npc, parse_card
 from service.errors import ApiError
+from service.jobs.queue import enqueue_prune
+from service.npcs.cards import card_to_npc, parse_card
+from service.npcs.persona import system_prompt
+from service.npcs.records import new_id
 from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList, NpcLoad
-from service.store import new_id
-from service.worker import QUEUE
 
 router = APIRouter(prefix="/v1/npcs", tags=["npcs"])
 TERMINAL = ("ready", "failed", "cancelled")
@@ -68,13 +69,13 @@ async def _read_body(request: Request) -> tuple[NpcCreate, dict | None]:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json")
+            raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
         req = NpcCreate.model_validate(body)
     except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False, include_context=False))
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
     if req.card is not None and card is None:
         card = parse_card(req.card)
     if (req.persona is None) == (card is None):
@@ -109,7 +110,7 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
     try:
         base = resolve_base(settings.base_model, settings.models)
     except PruneError as e:
-        raise ApiError(503, str(e), code="base_model_missing")
+        raise ApiError(503, str(e), code="base_model_missing") from None
 
     method = req.method or settings.default_method
     options = dict(req.options or {})
@@ -139,10 +140,11 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
             raise ApiError(409, "a request with this Idempotency-Key is still being processed",
                            param="Idempotency-Key", headers={"Retry-After": "1"})
 
-    rec = await store.create({"id": npc_id, **fields, "sparsity": req.sparsity, "method": method,
-                              "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant,
-                              "keep_alive": req.keep_alive})
-    await queue.enqueue_job("prune_npc", npc_id, _job_id=f"prune:{npc_id}", _queue_name=QUEUE)
+    system = system_prompt(fields["name"], fields["persona"], fields.get("card_system_prompt"))
+    rec = await store.create({"id": npc_id, **fields, "system_prompt": system, "sparsity": req.sparsity,
+                              "method": method, "options": options, "evaluate": evaluate, "seed": req.seed,
+                              "base": str(base), "owner": who.tenant, "keep_alive": req.keep_alive})
+    await enqueue_prune(queue, npc_id)
     return public(rec)
 
 

@@ -1,0 +1,209 @@
+"""Measures that see the persona, with the dense base as the judge.
+
+KL to the dense model moves with general damage (it barely depends on the persona); these ask
+whether a model's text is *this* persona's rather than any persona's:
+
+judge_margin   the model's own greedy answers `a` to the persona's questions (asked under its
+               system prompt sys_u), scored by the dense base: the mean over answers of
+               mean_v NLL(a | sys_v) - NLL(a | sys_u), per token, v over reference personas put in
+               the same system-prompt template. How much better this persona's prompt explains the
+               text than other personas' prompts do.
+judge_top1     the share of answers for which sys_u gives the lowest NLL of all prompts.
+retention      judge_margin(model) / judge_margin(dense base), on the same questions.
+pmi_retention  teacher-forced on the dense answers A_u: PMI under the model / PMI under the dense
+               base, PMI = mean_v NLL(A_u | sys_v) - NLL(A_u | sys_u).
+degenerate     the share of own answers that loop (distinct-bigram ratio under 0.5, or empty):
+               they count as margin 0 and never as top-1, since a loop of the persona's own words is
+               very likely under its prompt.
+fluency_nll    the dense base's NLL of the model's own answers under sys_u: gibberish cannot hide.
+
+Every mean comes with a bootstrap 95 % interval over questions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pruning.chat import answer_ids, pad_id_of, prompt_ids
+from pruning.prefix_forward import (Example, channel_mask, forward_suffixes, length_batches, logp_at, prefix_kv,
+                                    scored_positions, shared_prompt_len)
+
+LOOP_RATIO = 0.5
+TEMPLATE = "You are roleplaying as a character with this persona: {persona}\nStay in character in every reply."
+
+
+def distinct_bigram_ratio(ids: list[int]) -> float:
+    """Distinct token bigrams / bigrams; 0 for an empty answer, 1 for a one-token answer."""
+    if not ids:
+        return 0.0
+    if len(ids) < 2:
+        return 1.0
+    pairs = list(zip(ids, ids[1:]))
+    return len(set(pairs)) / len(pairs)
+
+
+def persona_prompts(system: str | None, persona: str | None, references: list[str]) -> tuple[str, list[str]]:
+    """(sys_u, [sys_v]): the target's prompt and each reference persona in the same template.
+
+    When the target's system prompt contains its persona description, each reference takes the
+    description's place in it (the eval files' own template); otherwise every persona, the target
+    included, is put in TEMPLATE. References equal to the target persona are left out."""
+    persona = (persona or "").strip()
+    refs = [r for r in references if r.strip() and r.strip() != persona]
+    if system and persona and persona in system:
+        return system, [system.replace(persona, r.strip()) for r in refs]
+    target = persona or (system or "")
+    return TEMPLATE.format(persona=target), [TEMPLATE.format(persona=r.strip()) for r in refs]
+
+
+@torch.no_grad()
+def answer_nlls(model, tok, system: str | None, questions: list[str], answers: list[list[int]], *,
+                masks=None, batch_size: int = 8) -> list[float]:
+    """Mean per-token NLL of each answer (token ids) after its question under `system`; NaN for an
+    empty answer. `masks`: 0/1 FFN channel masks applied to `model` (a pruned variant of it)."""
+    keep = [i for i, a in enumerate(answers) if a]
+    out = [float("nan")] * len(answers)
+    if not keep:
+        return out
+    examples = []
+    for i in keep:
+        p = prompt_ids(tok, questions[i], system)
+        examples.append(Example(p + answers[i], len(p)))
+    P = shared_prompt_len(examples)
+    pad = pad_id_of(tok)
+    with channel_mask(model, masks):
+        kv = prefix_kv(model, examples[0].ids[:P]) if P > 0 else None
+        for idx in length_batches([len(e.ids) for e in examples], batch_size):
+            hidden = forward_suffixes(model, kv, P, [examples[j].ids[P:] for j in idx], pad)
+            rows, cols, tgt = scored_positions(examples, idx, P)
+            lp = logp_at(model, hidden, rows, cols)
+            nll = -lp.gather(1, tgt.to(lp.device)[:, None]).squeeze(1).double().cpu()
+            n = [len(examples[j].ids) - examples[j].n_prompt for j in idx]
+            for j, part in zip(idx, torch.split(nll, n)):
+                out[keep[j]] = float(part.mean())
+    return out
+
+
+def bootstrap_ci(values: list[float], *, n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile interval of the mean, resampling the values (questions) with replacement."""
+    if not values:
+        return [float("nan"), float("nan")]
+    rng = random.Random(seed)
+    k = len(values)
+    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return [means[int(0.025 * n)], means[int(0.975 * n) - 1]]
+
+
+def ratio_ci(num: list[float], den: list[float], *, n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % interval of mean(num) / mean(den), the same questions resampled for both."""
+    rng = random.Random(seed)
+    k = len(num)
+    out = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        d = sum(den[i] for i in idx)
+        if d:
+            out.append(sum(num[i] for i in idx) / d)
+    out.sort()
+    if not out:
+        return [float("nan"), float("nan")]
+    return [out[int(0.025 * len(out))], out[int(0.975 * len(out)) - 1]]
+
+
+@dataclass
+class JudgedAnswers:
+    """One model's own answers to the persona's questions, as the dense judge sees them."""
+    margins: list[float]       # per question, 0 for a degenerate answer
+    top1: list[float]          # per question, 1.0 when sys_u gives the lowest NLL
+    degenerate: list[float]    # per question, 1.0 for a loop or an empty answer
+    fluency: list[float]       # per question, the judge's NLL under sys_u (NaN for an empty answer)
+
+    def summary(self, seed: int = 0) -> dict:
+        def mean(xs):
+            xs = [x for x in xs if x == x]
+            return sum(xs) / len(xs) if xs else float("nan")
+
+        fl = [x for x in self.fluency if x == x]
+        return {"judge_margin": round(mean(self.margins), 5),
+                "judge_margin_ci": [round(x, 5) for x in bootstrap_ci(self.margins, seed=seed)],
+                "judge_top1": round(mean(self.top1), 4),
+                "judge_top1_ci": [round(x, 4) for x in bootstrap_ci(self.top1, seed=seed)],
+                "degenerate": round(mean(self.degenerate), 4),
+                "fluency_nll": round(mean(fl), 4),
+                "fluency_nll_ci": [round(x, 4) for x in bootstrap_ci(fl, seed=seed)]}
+
+
+def judge_answers(judge, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
+                  finished: list[bool] | None = None, batch_size: int = 8) -> JudgedAnswers:
+    """The dense judge's margin, top-1 and fluency of one model's own answers."""
+    ids = [answer_ids(tok, a, True if finished is None else finished[i]) for i, a in enumerate(answers)]
+    own = answer_nlls(judge, tok, sys_u, questions, ids, batch_size=batch_size)
+    refs = [answer_nlls(judge, tok, s, questions, ids, batch_size=batch_size) for s in sys_refs]
+    margins, top1, degenerate = [], [], []
+    for i, a in enumerate(ids):
+        # the answer's own ids without the end-of-turn token: a loop is in the words
+        loop = distinct_bigram_ratio(a[:-1] if a and (finished is None or finished[i]) else a) < LOOP_RATIO
+        if loop or own[i] != own[i]:
+            margins.append(0.0)
+            top1.append(0.0)
+            degenerate.append(1.0)
+            continue
+        others = [r[i] for r in refs]
+        margins.append(sum(others) / len(others) - own[i] if others else 0.0)
+        top1.append(1.0 if all(own[i] < o for o in others) else 0.0)
+        degenerate.append(0.0)
+    return JudgedAnswers(margins, top1, degenerate, own)
+
+
+def pmi_per_question(model, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
+                     finished: list[bool] | None = None, *, masks=None, batch_size: int = 8) -> list[float]:
+    """Per question: mean_v NLL(A_u | sys_v) - NLL(A_u | sys_u) under `model` (with `masks`),
+    teacher-forced on the given answers (the dense base's)."""
+    ids = [answer_ids(tok, a, True if finished is None else finished[i]) for i, a in enumerate(answers)]
+    own = answer_nlls(model, tok, sys_u, questions, ids, masks=masks, batch_size=batch_size)
+    refs = [answer_nlls(model, tok, s, questions, ids, masks=masks, batch_size=batch_size) for s in sys_refs]
+    out = []
+    for i in range(len(ids)):
+        if own[i] != own[i] or not refs:
+            out.append(0.0)
+            continue
+        out.append(sum(r[i] for r in refs) / len(refs) - own[i])
+    return out
+
+
+def retention(model_margins: list[float], dense_margins: list[float], seed: int = 0) -> dict:
+    den = sum(dense_margins)
+    value = sum(model_margins) / den if den else float("nan")
+    return {"retention": round(value, 4),
+            "retention_ci": [round(x, 4) for x in ratio_ci(model_margins, dense_margins, seed=seed)]}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def persona_fidelity(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
+                     dense_answers: list[tuple[str, bool]], own_answers: list[tuple[str, bool]], *,
+                     model=None, masks=None, seed: int = 0, batch_size: int = 8) -> dict:
+    """Every persona measure of one model (`model`, or the dense base under `masks`) against the
+    dense base on the same questions; `*_answers` are (text, finished) greedy answers under sys_u."""
+    def texts(pairs):
+        return [a for a, _ in pairs], [f for _, f in pairs]
+
+    da, df = texts(dense_answers)
+    oa, of = texts(own_answers)
+    judged_dense = judge_answers(dense, tok, sys_u, sys_refs, questions, da, df, batch_size)
+    judged = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
+    pmi_dense = pmi_per_question(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size)
+    pmi = pmi_per_question(model if model is not None else dense, tok, sys_u, sys_refs, questions, da, df,
+                           masks=None if model is not None else masks, batch_size=batch_size)
+    den = sum(pmi_dense)
+    out = {**judged.summary(seed), **retention(judged.margins, judged_dense.margins, seed),
+           "pmi": round(_mean(pmi), 5), "pmi_retention": round(sum(pmi) / den, 4) if den else float("nan"),
+           "pmi_retention_ci": [round(x, 4) for x in ratio_ci(pmi, pmi_dense, seed=seed)],
+           "references": len(sys_refs), "questions": len(questions),
+           "dense": {**judged_dense.summary(seed), "pmi": round(_mean(pmi_dense), 5)}}
+    return out

@@ -1,0 +1,30 @@
+"""The job queue and the workers' presence in Redis: everything the API knows of jobs."""
+
+from __future__ import annotations
+
+import json
+
+QUEUE = "npc:jobs"
+HEARTBEAT = "npc:worker:{}"
+JOB_OWNER = "npc:jobowner:{}"
+IN_PROGRESS = "arq:in-progress:"
+PRUNE_JOB = "prune_npc"
+
+
+def job_id(npc_id: str) -> str:
+    return f"prune:{npc_id}"
+
+
+async def enqueue_prune(queue, npc_id: str) -> None:
+    """Queue the NPC's pruning job (arq: at most one job per id)."""
+    await queue.enqueue_job(PRUNE_JOB, npc_id, _job_id=job_id(npc_id), _queue_name=QUEUE)
+
+
+async def queue_depth(redis) -> int:
+    return await redis.zcard(QUEUE)
+
+
+async def live_workers(redis) -> list[dict]:
+    keys = [k async for k in redis.scan_iter(match=HEARTBEAT.format("*"))]
+    raws = await redis.mget(keys) if keys else []
+    return [json.loads(r) for r in raws if r]

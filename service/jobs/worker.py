@@ -1,0 +1,111 @@
+"""`npc worker`: an arq worker that runs pruning jobs (needs only REDIS_URL and the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+
+from arq.connections import RedisSettings
+from arq.worker import Worker
+
+from service.jobs.prune_job import prune_npc
+from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNER, QUEUE
+from service.settings import Settings
+
+HEARTBEAT_EVERY = 5.0
+HEARTBEAT_TTL = 15
+
+log = logging.getLogger(__name__)
+
+
+def _device() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+
+
+async def _heartbeat(ctx: dict) -> None:
+    info = {"id": ctx["worker_id"], "host": socket.gethostname(), "pid": os.getpid(),
+            "device": _device(), "started": time.time()}
+    while True:
+        try:
+            await ctx["redis"].set(HEARTBEAT.format(ctx["worker_id"]),
+                                   json.dumps({**info, "seen": time.time(), "job": ctx["state"]["job"]}),
+                                   ex=HEARTBEAT_TTL)
+            await reap_orphaned_jobs(ctx["redis"])
+        except Exception:  # Redis away for a moment: try again next beat
+            log.warning("heartbeat failed", exc_info=True)
+        await asyncio.sleep(HEARTBEAT_EVERY)
+
+
+async def reap_orphaned_jobs(redis) -> list[str]:
+    """Release jobs whose worker stopped heartbeating (killed, preempted) so another runs them.
+
+    arq marks a running job with an in-progress key that lives as long as the job
+    timeout; a worker killed mid-job would hold its job for that long. A job whose
+    recorded owner has no live heartbeat gets its in-progress key removed, and arq
+    hands it to the next worker that polls (the job itself stays in the queue).
+    """
+    released = []
+    async for key in redis.scan_iter(match=IN_PROGRESS + "*"):
+        job_id = (key.decode() if isinstance(key, bytes) else key)[len(IN_PROGRESS):]
+        owner = await redis.get(JOB_OWNER.format(job_id))
+        if owner is None:  # just started, owner not written yet: cannot tell, leave it
+            continue
+        if not await redis.exists(HEARTBEAT.format(owner.decode())):
+            await redis.delete(key, JOB_OWNER.format(job_id))
+            log.warning("worker %s is gone; job %s released for another worker", owner.decode(), job_id)
+            released.append(job_id)
+    return released
+
+
+def build_worker(settings: Settings, redis_url: str) -> Worker:
+    async def startup(ctx: dict) -> None:
+        ctx["settings"] = settings
+        ctx["state"] = {"job": None}  # job contexts are copies of ctx; this dict is shared
+        ctx["worker_id"] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+
+    async def shutdown(ctx: dict) -> None:
+        ctx["heartbeat"].cancel()
+        await ctx["redis"].delete(HEARTBEAT.format(ctx["worker_id"]))
+
+    async def job_start(ctx: dict) -> None:
+        ctx["state"]["job"] = ctx.get("job_id")
+        await ctx["redis"].set(JOB_OWNER.format(ctx["job_id"]), ctx["worker_id"], ex=7 * 24 * 3600)
+
+    async def job_end(ctx: dict) -> None:
+        ctx["state"]["job"] = None
+        await ctx["redis"].delete(JOB_OWNER.format(ctx["job_id"]))
+
+    return Worker(
+        functions=[prune_npc],
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        queue_name=QUEUE,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        on_job_start=job_start,
+        on_job_end=job_end,
+        max_jobs=1,            # one pruning job at a time: it uses every core
+        job_timeout=3600,
+        keep_result=24 * 3600,
+        max_tries=3,
+        handle_signals=True,
+    )
+
+
+def run(settings: Settings, redis_url: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.worker_metrics_port)
+        except OSError as e:
+            log.warning("worker metrics port %s unavailable: %s", settings.worker_metrics_port, e)
+    build_worker(settings, redis_url).run()

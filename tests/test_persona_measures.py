@@ -1,0 +1,74 @@
+"""The persona measures: they tell a persona's own text from another persona's, and loops cannot game them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pruning.eval.persona import (TEMPLATE, bootstrap_ci, distinct_bigram_ratio, judge_answers, persona_fidelity,
+                                  persona_prompts, ratio_ci)
+
+PIRATE = "A grumpy old pirate captain who loves rum, hates the navy and talks about storms and treasure."
+BAKER = "A cheerful village baker who adores sourdough and cinnamon buns and gives advice with baking metaphors."
+ROBOT = "A precise maintenance robot on a space station who reports in numbered lists and loves checksums."
+QUESTIONS = ["How was your day?", "What do you think about the sea?", "Give me one piece of advice."]
+
+
+def test_distinct_bigram_ratio_finds_loops():
+    assert distinct_bigram_ratio([1, 2, 3, 4, 5]) == 1.0
+    assert distinct_bigram_ratio([7, 8] * 10) < 0.5
+    assert distinct_bigram_ratio([]) == 0.0
+
+
+def test_references_share_the_targets_template():
+    system = f"You are roleplaying as a user with this persona: {PIRATE}\nAnswer the question."
+    sys_u, refs = persona_prompts(system, PIRATE, [BAKER, PIRATE, ROBOT])
+    assert sys_u == system
+    assert refs == [system.replace(PIRATE, BAKER), system.replace(PIRATE, ROBOT)]  # the target itself left out
+    sys_u, refs = persona_prompts("Be nice.", PIRATE, [BAKER])  # no description inside: one template for all
+    assert sys_u == TEMPLATE.format(persona=PIRATE) and refs == [TEMPLATE.format(persona=BAKER)]
+
+
+def test_bootstrap_intervals_hold_the_mean():
+    xs = [0.1, 0.4, 0.2, 0.9, 0.5]
+    lo, hi = bootstrap_ci(xs)
+    assert lo <= sum(xs) / len(xs) <= hi and lo < hi
+    lo, hi = ratio_ci(xs, xs)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def dense(base_dir):
+    import torch
+
+    from pruning.model_io import load_model
+
+    return load_model(base_dir, dtype=torch.float32)
+
+
+def test_the_dense_judge_prefers_the_personas_own_text(dense):
+    model, tok = dense
+    sys_u, refs = persona_prompts(None, PIRATE, [BAKER, ROBOT])
+    pirate = ["Arr, the sea be cruel today, matey, and me rum be running low!",
+              "Storms and treasure, lad: the navy will never catch me ship.",
+              "Never trust the navy, and always keep a barrel of rum below deck."]
+    baker = ["My sourdough rose beautifully this morning, and the cinnamon buns are still warm!",
+             "Life is like bread dough: give it time and warmth and it rises.",
+             "Knead your worries like dough, then let them rest a while."]
+    own = judge_answers(model, tok, sys_u, refs, QUESTIONS, pirate)
+    other = judge_answers(model, tok, sys_u, refs, QUESTIONS, baker)
+    assert sum(own.margins) > 0 > sum(other.margins)
+    assert sum(own.top1) > sum(other.top1)
+    loop = judge_answers(model, tok, sys_u, refs, QUESTIONS, ["rum rum rum rum rum rum rum rum rum rum"] * 3)
+    assert loop.degenerate == [1.0, 1.0, 1.0] and loop.margins == [0.0] * 3 and loop.top1 == [0.0] * 3
+
+
+def test_the_dense_model_retains_all_of_itself(dense):
+    from pruning.generate.hf import generate_detailed
+
+    model, tok = dense
+    sys_u, refs = persona_prompts(None, PIRATE, [BAKER, ROBOT])
+    answers = generate_detailed(model, tok, sys_u, QUESTIONS, 24)
+    out = persona_fidelity(model, tok, sys_u, refs, QUESTIONS, answers, answers)
+    assert out["retention"] == pytest.approx(1.0) and out["pmi_retention"] == pytest.approx(1.0)
+    assert out["judge_margin"] == out["dense"]["judge_margin"]
+    assert out["judge_margin_ci"][0] <= out["judge_margin"] <= out["judge_margin_ci"][1]
