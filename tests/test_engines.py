@@ -34,9 +34,10 @@ def _chat(server, npc_id: str, question: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0):
+def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0, trace: bool = False):
     """Greedy output of a brand-new vLLM engine on this NPC's checkpoint, same prompt tokens
-    (with `top_logprobs`: the first token's top logprobs instead, {token text: logprob})."""
+    (with `top_logprobs`: the first token's top logprobs instead, {token text: logprob}; with
+    `trace` as well: every generated position's [token id, {token id: logprob}] of its top)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
@@ -48,9 +49,13 @@ def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0):
         if __name__ == "__main__":
             llm = LLM(model={rec['checkpoint']!r}, enforce_eager=True, dtype="bfloat16", max_model_len=2048,
                       kv_cache_memory_bytes={256 << 20}, seed=0)
-            sp = SamplingParams(temperature=0, max_tokens=1 if {top_logprobs} else 24, logprobs={top_logprobs} or None)
+            sp = SamplingParams(temperature=0, max_tokens=1 if {top_logprobs} and not {trace} else 24,
+                                logprobs={top_logprobs} or None)
             out = llm.generate([{{"prompt_token_ids": {ids!r}}}], sp)[0].outputs[0]
-            if {top_logprobs}:
+            if {trace}:
+                print("RESULT" + json.dumps([[t, {{k: v.logprob for k, v in lp.items()}}]
+                                             for t, lp in zip(out.token_ids, out.logprobs)]))
+            elif {top_logprobs}:
                 print("RESULT" + json.dumps({{lp.decoded_token: lp.logprob for lp in out.logprobs[0].values()}}))
             else:
                 print("RESULT" + json.dumps(out.text))
