@@ -33,12 +33,14 @@ from pruning.checkpoint import drop_layers_inplace, keep_count, select_kept
 from pruning.datasets import calibration_prompts, load_reference_personas
 from pruning.eval.attribution import attribution
 from pruning.eval.metrics import Evaluator, load_eval_file
+from pruning.eval.persona import dense_reference, persona_fidelity, persona_prompts
 from pruning.generate.hf import generate_detailed
 from pruning.methods import LayerScores, PruneContext, get_method, layers_to_drop
 from pruning.model_io import load_model
 from pruning.prefix_forward import channel_mask, kept_masks
 
 EVAL = ROOT.parent / "shared" / "data" / "eval"
+FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"]
 
 
 def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
@@ -112,6 +114,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--attribution-n", type=int, default=8, help="questions per persona for attribution (0: off)")
     ap.add_argument("--attribution-sparsities", default="0.25")
+    ap.add_argument("--fidelity-n", type=int, default=20,
+                    help="questions per persona for the judge measures (retention, top-1, PMI; 0: off)")
+    ap.add_argument("--fidelity-tokens", type=int, default=64, help="tokens of each own answer the judge scores")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--out", default=None, help="report folder (default: docs/, or the work folder for another --eval-dir)")
     ap.add_argument("--work", default=None, help="cache folder (default: .bench/quality, one per --eval-dir)")
@@ -172,7 +177,7 @@ def main() -> None:
 
     csv_path = out / "quality.csv"
     fields = ["persona", "method", "sparsity", "persona_kl", "persona_nll", "persona_nll_dense", "general_kl",
-              "general_nll", "general_nll_dense", "attribution", "seconds"]
+              "general_nll", "general_nll_dense", "attribution", *FIDELITY, "seconds"]
     rows: list[dict] = []
     prune_times: list[dict] = []
     if a.merge and csv_path.is_file():
@@ -205,11 +210,30 @@ def main() -> None:
         evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])
         evg = Evaluator(model, tok, None, gen.questions, answers=[x[0] for x in ga], finished=[x[1] for x in ga])
         who = sp.persona or sp.system
+        fid_qs = sp.questions[: a.fidelity_n]
+        sys_u, sys_refs = persona_prompts(sp.system, sp.persona, refs)
+        dense_fid, fid_ref = {}, None
+        if fid_qs:
+            fid_ref = dense_reference(model, tok, sys_u, sys_refs, fid_qs,
+                                      generate_detailed(model, tok, sys_u, fid_qs, a.fidelity_tokens))
+            dense_fid = persona_fidelity(model, tok, sys_u, sys_refs, fid_qs, fid_ref.answers, fid_ref.answers,
+                                         reference=fid_ref)
+
+        def fidelity(pm, masks) -> dict:
+            if fid_ref is None:
+                return {}
+            with channel_mask(pm, masks):
+                own = generate_detailed(pm, tok, sys_u, fid_qs, a.fidelity_tokens)
+            f = persona_fidelity(model, tok, sys_u, sys_refs, fid_qs, fid_ref.answers, own, reference=fid_ref,
+                                 model=None if pm is model else pm, masks=masks if pm is model else None)
+            return {k: f[k] for k in FIDELITY}
+
         dense_attr = attribution([x[0] for x in pa[: a.attribution_n]], who, refs)["attribution"] if a.attribution_n else None
         if s == sparsities[0]:
             rows.append(dict(persona=u, method="dense", sparsity=0.0, persona_kl=0.0, persona_nll=evp.dense_nll,
                          persona_nll_dense=evp.dense_nll, general_kl=0.0, general_nll=evg.dense_nll,
-                             general_nll_dense=evg.dense_nll, attribution=dense_attr, seconds=0.0))
+                             general_nll_dense=evg.dense_nll, attribution=dense_attr, seconds=0.0,
+                             **{k: dense_fid[k] for k in FIDELITY if k in dense_fid}))
             append_row(csv_path, fields, rows[-1])
         persona_scores = {}
         k = keep_count(dense_size, s)
@@ -250,11 +274,13 @@ def main() -> None:
                 attr = attribution([x[0] for x in own], who, refs)["attribution"]
             row = dict(persona=u, method=m, sparsity=s, persona_kl=rp["kl_to_dense"], persona_nll=rp["nll"],
                        persona_nll_dense=rp["nll_dense"], general_kl=rg["kl_to_dense"], general_nll=rg["nll"],
-                       general_nll_dense=rg["nll_dense"], attribution=attr, seconds=round(time.time() - t, 1))
+                       general_nll_dense=rg["nll_dense"], attribution=attr, **fidelity(pm, masks),
+                       seconds=round(time.time() - t, 1))
             rows.append(row)
             append_row(csv_path, fields, row)
             print(f"persona {u} s={s} {m:20s} persona KL {row['persona_kl']:.4f} general KL "
-                  f"{row['general_kl']:.4f} attr {attr} ({row['seconds']}s)", flush=True)
+                  f"{row['general_kl']:.4f} retention {row.get('retention')} attr {attr} ({row['seconds']}s)",
+                  flush=True)
             if pm is not model:
                 del pm
 

@@ -14,6 +14,7 @@ from pruning.datasets import load_reference_personas
 GENERIC = ["random", "magnitude", "activation", "taylor", "depth"]
 PERSONAL = ["activation-prompt", "activation-persona", "persona-pruner"]
 BASELINES = GENERIC + ["activation-prompt", "activation-persona"]
+FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"]
 
 
 def report_only(a) -> None:
@@ -64,8 +65,9 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
     for s in sparsities:
         for m in methods:
             r = [x for x in rows if x["method"] == m and x["sparsity"] == s]
-            out["by_method"][f"{m}@{s}"] = {k: _mean([x[k] for x in r]) for k in
-                                            ("persona_kl", "persona_nll", "general_kl", "general_nll", "attribution")}
+            out["by_method"][f"{m}@{s}"] = {k: _mean([x.get(k) for x in r]) for k in
+                                            ("persona_kl", "persona_nll", "general_kl", "general_nll", "attribution",
+                                             *FIDELITY)}
         if "persona-pruner" not in methods:
             continue
         base = [m for m in methods if m in BASELINES]
@@ -78,7 +80,13 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
         best_p = min(bm, key=lambda m: bm[m]["persona_kl"])
         best_g = min(bm, key=lambda m: bm[m]["general_kl"])
         me = out["by_method"][f"persona-pruner@{s}"]
+        retention_wins = 0
+        for u, row in pp.items():
+            others = [x.get("retention") for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
+            retention_wins += row.get("retention") is not None and all(o is not None and row["retention"] > o
+                                                                        for o in others)
         out["checks"][str(s)] = {
+            "retention": me["retention"], "retention_wins": retention_wins,
             "wins": wins, "personas": len(pp), "best_baseline_persona": best_p,
             "persona_kl_ratio_to_best": me["persona_kl"] / bm[best_p]["persona_kl"],
             "best_baseline_general": best_g,
@@ -165,12 +173,34 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
         first = bm[f"{m}@{sparsities[0]}"]
         name = f"**{m}**" if m == "persona-pruner" else m
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(first['persona_nll'])} | {_fmt(first['attribution'])} |")
-    lines += ["", "## Checks (issue 3)", ""]
+    if any(r.get("retention") is not None for r in rows):
+        lines += ["", "## Persona fidelity (the dense base as judge: `pruning/eval/persona.py`)", "",
+                  f"Each model's own greedy answers ({a.fidelity_tokens} tokens, first {a.fidelity_n} questions) under "
+                  "the persona's prompt; judge margin = mean over the reference personas of NLL(answer | their prompt) "
+                  "- NLL(answer | the persona's), per token; retention = margin / the dense base's on the same "
+                  "questions; top-1 = share of answers the persona's own prompt explains best; PMI retention = the "
+                  "margin teacher-forced on the dense answers, under the model / under the dense base; degenerate = "
+                  "looping answers (margin 0).", "",
+                  "| method | " + " | ".join(f"retention @{s} | top-1 @{s} | PMI ret. @{s}" for s in sparsities) +
+                  f" | degenerate @{sparsities[0]} |",
+                  "|" + "---|" * (2 + 3 * len(sparsities))]
+        dense_top1 = _mean([r.get("judge_top1") for r in dense])
+        lines.append("| dense | " + " | ".join(f"1 | {_fmt(dense_top1, 2)} | 1" for _ in sparsities) +
+                     f" | {_fmt(_mean([r.get('degenerate') for r in dense]), 2)} |")
+        for m in methods:
+            cells = []
+            for s in sparsities:
+                b = bm[f"{m}@{s}"]
+                cells += [_fmt(b["retention"], 3), _fmt(b["judge_top1"], 2), _fmt(b["pmi_retention"], 3)]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(bm[f'{m}@{sparsities[0]}']['degenerate'], 2)} |")
+    lines += ["", "## Checks", ""]
     for s, c in summary["checks"].items():
         lines.append(f"- sparsity {s}: persona-pruner has the lowest persona KL for **{c['wins']}/{c['personas']}** "
                      f"personas; its mean persona KL is **{c['persona_kl_ratio_to_best']:.1%}** of the best baseline's "
                      f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "
-                     f"best baseline's ({c['best_baseline_general']}).")
+                     f"best baseline's ({c['best_baseline_general']})." + (
+                         f" Retention **{c['retention']:.3f}**, above every baseline for **{c['retention_wins']}/"
+                         f"{c['personas']}** personas." if c.get("retention") is not None else ""))
     if "prune_seconds_with_data" in summary:
         p, cached = summary["prune_seconds_with_data"], summary["prune_seconds_cached_data"]
         parts = ([f"one persona including its synthetic data: mean {p['mean']:.0f} s, max {p['max']:.0f} s"]

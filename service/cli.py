@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,20 @@ app.add_typer(models_app, name="models")
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr inside (child processes too), and back after."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _exit_on_signal(signum, _frame) -> None:
@@ -225,7 +240,7 @@ def eval_cmd(
     eval_file: Path = typer.Option(..., help="eval JSON: persona_description, system_prompt, questions, eval_prompt"),
     base: Optional[str] = typer.Option(None, help="dense base (default: the one in the manifest)"),
     general_file: Optional[Path] = typer.Option(None, help="general questions (eval JSON), asked without persona"),
-    reference_personas: Optional[Path] = typer.Option(None, help="reference personas for attribution (JSONL)"),
+    reference_personas: Optional[Path] = typer.Option(None, help="reference personas for attribution and the judge margin (JSONL; default: the shipped ones)"),
     judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible judge (key: NPC_JUDGE_API_KEY)"),
     judge_model: Optional[str] = typer.Option(None, help="judge model (default: the endpoint's first)"),
     backend: str = typer.Option("auto", help="answer generation: vllm | hf | auto"),
@@ -246,14 +261,19 @@ def eval_cmd(
         opts = EvalOptions(backend=backend, max_new_tokens=max_new_tokens, limit=limit, references=refs,
                            judge_url=judge_url, judge_model=judge_model, throughput=throughput,
                            conversations=conversations, turns=turns)
-        result = run_eval(model, eval_file, base=base, general_file=general_file, opts=opts,
-                          models_dir=get_settings().models, log=lambda m: typer.echo(m, err=True))
+        with _stdout_to_stderr():  # vLLM's engines log on stdout: with --json it holds the JSON only
+            result = run_eval(model, eval_file, base=base, general_file=general_file, opts=opts,
+                              models_dir=get_settings().models, log=lambda m: typer.echo(m, err=True))
     except PruneError as e:
         _fail(str(e))
     if as_json:
         typer.echo(json.dumps(result))
         return
     p, g = result["persona"], result["general"]
+    typer.echo(f"persona  retention {p['retention']:.3f} {p['retention_ci']}  judge margin {p['judge_margin']:.4f} "
+               f"(dense {p['dense']['judge_margin']:.4f})  top-1 {p['judge_top1']:.2f} "
+               f"(dense {p['dense']['judge_top1']:.2f})  PMI retention {p['pmi_retention']:.3f}  "
+               f"degenerate {p['degenerate']:.2f}")
     typer.echo(f"persona  KL {p['kl_to_dense']:.4f}  NLL {p['nll']:.3f} (dense {p['nll_dense']:.3f})  "
                f"attribution {p['attribution']:.2f} (dense {p['attribution_dense']:.2f})")
     typer.echo(f"general  KL {g['kl_to_dense']:.4f}  NLL {g['nll']:.3f} (dense {g['nll_dense']:.3f})")

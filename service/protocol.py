@@ -5,6 +5,7 @@ Importable without torch: options are checked by `pruning.options`, which needs 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -128,7 +129,7 @@ def parse_keep_alive(v: Any) -> float | None:
             v = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
         except ValueError:
             raise ValueError("keep_alive: seconds, a duration like '5m', or -1/'pin'") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError("keep_alive: seconds, a duration like '5m', or -1/'pin'")
     if v < 0:
         return -1.0

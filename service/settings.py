@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
     mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
     keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
+    worker_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                               description="where a worker prunes: auto (CUDA when the host has it, bf16; else "
+                                           "the CPU, fp32), cpu, cuda, cuda:N")
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
     max_npc_labels: int = Field(500, ge=1, description="NPCs with their own metric labels; the rest: _other")
     prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")

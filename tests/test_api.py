@@ -115,6 +115,13 @@ def test_malformed_json(server, openai_schemas):
     _error(r, 400, openai_schemas)
 
 
+def test_create_takes_json_or_a_card_upload_only(server, openai_schemas):
+    body = b'{"name": "A", "persona": "a pirate"}'
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = httpx.post(server.url + "/v1/npcs", content=body, headers={"content-type": ctype} if ctype else {})
+        assert "application/json" in _error(r, 415, openai_schemas)["message"]
+
+
 def test_oversized_body(server, openai_schemas):
     r = httpx.post(server.url + "/v1/npcs", json={"name": "A", "persona": "x" * (2 << 20)})
     _error(r, 413, openai_schemas)

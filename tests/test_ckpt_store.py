@@ -52,6 +52,19 @@ def test_local_store_is_the_directory(tmp_path):
     Manifest.verify(d)
 
 
+@pytest.mark.parametrize("url", ["{d}", "file://{d}"])
+def test_directory_store_publishes_into_new_folders(tmp_path, url):
+    """NPC_STORE_URL as a shared directory (a path, or a file:// URL): the NPC's folder is created."""
+    d = _checkpoint(tmp_path / "npc-3")
+    store = CheckpointStore(url.format(d=tmp_path / "shared"), tmp_path / "cache")
+    ref = store.publish(d, "npc-3")
+    local = store.fetch(ref)
+    assert (local / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
+    Manifest.verify(local)
+    store.delete(ref)
+    assert not (tmp_path / "shared" / "npc-3").exists()
+
+
 def test_s3_publish_fetch_verify(tmp_path, s3):
     d = _checkpoint(tmp_path / "npc-2")
     opts = {"client_kwargs": {"endpoint_url": s3}}

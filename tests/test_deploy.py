@@ -755,3 +755,18 @@ def test_grafana_provisioning():
 def test_promql_checker_rejects(bad):
     with pytest.raises(AssertionError):
         _check_promql(bad)
+
+
+def test_every_npc_variable_in_the_deploy_files_is_read_by_the_code():
+    """A misspelt setting in a deploy file is silently ignored (NPC_METRICS_PORT once left
+    Prometheus scraping a port where nothing listened): each one must be a setting or a variable
+    the code reads."""
+    from service.settings import Settings
+
+    known = {"NPC_" + name.upper() for name in Settings.model_fields}
+    code = "\n".join(p.read_text() for pkg in ("service", "pruning") for p in (ROOT / pkg).rglob("*.py"))
+    known |= set(re.findall(r"""environ(?:\.get)?[(\[]\s*["'](NPC_[A-Z_]+)["']""", code))
+    known |= set(re.findall(r"""envvar=["'](NPC_[A-Z_]+)["']""", code))
+    files = [ROOT / "docker-compose.yml", *DOCKER_DIR.glob("Dockerfile*"), *(ROOT / "deploy").rglob("*.y*ml")]
+    used = {(f.relative_to(ROOT).as_posix(), v) for f in files for v in re.findall(r"\bNPC_[A-Z_]+\b", f.read_text())}
+    assert used and {(f, v) for f, v in used if v not in known} == set()

@@ -59,6 +59,16 @@ def test_cli_eval_json_contract(fast_npc):
     assert out["persona"]["kl_to_dense"] > 0 and out["general"]["kl_to_dense"] > 0
     assert out["persona"]["nll"] >= 0 and 0 <= out["persona"]["attribution"] <= 1
     assert out["persona"]["candidates"] == 17  # the right persona + 16 shipped references
+    # the persona measures, each against the dense base on the same questions
+    p = out["persona"]
+    for key in ("judge_margin", "judge_top1", "retention", "pmi_retention", "degenerate", "fluency_nll"):
+        assert isinstance(p[key], float), key
+    for key in ("judge_margin", "retention", "pmi_retention"):
+        lo, hi = p[key + "_ci"]
+        assert lo <= p[key] <= hi, key
+    assert p["references"] == 16 and p["questions"] == 4
+    assert 0 <= p["judge_top1"] <= 1 and 0 <= p["degenerate"] <= 1 and p["fluency_nll"] > 0
+    assert p["dense"]["judge_margin"] > 0  # the dense base's own answers are its persona's
     dense = out["efficiency"]["dense"]
     assert out["params"] < dense["params"] and 0.8 < out["efficiency"]["params_ratio"] < 0.9
     assert out["flops_per_token"] < dense["flops_per_token"]
@@ -153,6 +163,8 @@ def test_service_runs_persona_pruner_and_records_metrics(server, npc_a):
     m = rec["metrics"]
     assert m["persona"]["kl_to_dense"] > 0 and m["general"]["kl_to_dense"] > 0
     assert 0 <= m["persona"]["attribution"] <= 1 and 0.8 < m["params_ratio"] < 0.9
+    assert isinstance(m["retention"], float) and m["retention"] == m["persona"]["retention"]
+    assert m["kl_to_dense"] == m["persona"]["kl_to_dense"] and m["persona"]["judge_margin_dense"] > 0
     # its learned channel scales reach the served weights: swapped in from the compact form (base,
     # kept indices, scales) it answers exactly as a fresh engine of its exported checkpoint
     from tests.test_engines import _chat, _checkpoint, _fresh_engine_output
@@ -171,3 +183,17 @@ def test_service_runs_persona_pruner_and_records_metrics(server, npc_a):
         r = httpx.post(server.url + "/v1/npcs", json={"name": "X", "persona": "a pirate", "options": bad},
                        headers=server.headers, timeout=30)
         assert r.status_code == 400 and param in json.dumps(r.json()["error"]), r.text
+
+
+def test_cli_json_output_is_only_json_even_when_children_print():
+    """vLLM's engine processes log on stdout; `npc eval --json` points fd 1 at stderr around the run."""
+    code = ("import json, subprocess, sys\n"
+            "from service.cli import _stdout_to_stderr\n"
+            "with _stdout_to_stderr():\n"
+            "    subprocess.run(['echo', 'engine noise'])\n"
+            "    print('python noise')\n"
+            "print(json.dumps({'ok': 1}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"ok": 1}
+    assert "engine noise" in r.stderr and "python noise" in r.stderr

@@ -72,3 +72,15 @@ def test_the_dense_model_retains_all_of_itself(dense):
     assert out["retention"] == pytest.approx(1.0) and out["pmi_retention"] == pytest.approx(1.0)
     assert out["judge_margin"] == out["dense"]["judge_margin"]
     assert out["judge_margin_ci"][0] <= out["judge_margin"] <= out["judge_margin_ci"][1]
+
+
+def test_generation_keeps_a_long_persona_prompt_whole(dense):
+    """A persona prompt of ~700 tokens reaches the model whole (it used to lose its start past 512)."""
+    from pruning.chat import prompt_ids
+    from pruning.generate.hf import generate_detailed, generate_ids
+
+    model, tok = dense
+    system = "Your name is Captain Rook. " + " ".join(f"Fact {i}: the sea is wide and the rum is gone." for i in range(60))
+    assert len(prompt_ids(tok, "What is your name?", system)) > 600
+    got = generate_detailed(model, tok, system, ["What is your name?"], 8)
+    assert got == generate_ids(model, tok, [prompt_ids(tok, "What is your name?", system)], 8)

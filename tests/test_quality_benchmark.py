@@ -33,11 +33,14 @@ def test_other_eval_dir(tmp_path, base_dir):
     assert bad.returncode != 0 and "no specific+general eval pair for persona(s) [1]" in bad.stderr
 
     r = _run(*common, "--methods", "random,activation-prompt", "--sparsities", "0.5", "--attribution-n", "0",
-             "--backend", "hf", "--max-new-tokens", "8")
+             "--fidelity-n", "3", "--fidelity-tokens", "12", "--backend", "hf", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader((out / "quality.csv").open()))
     assert {(x["persona"], x["method"]) for x in rows} == {("12", "dense"), ("12", "random"), ("12", "activation-prompt")}
     kl = {x["method"]: float(x["persona_kl"]) for x in rows}
     assert kl["dense"] == 0 and 0 < kl["activation-prompt"] < kl["random"]
+    ret = {x["method"]: float(x["retention"]) for x in rows}
+    assert ret["dense"] == 1.0 and all(0 <= float(x["judge_top1"]) <= 1 for x in rows)
+    assert float(next(x for x in rows if x["method"] == "dense")["pmi_retention"]) == 1.0
     md = (out / "quality.md").read_text()
-    assert str(ev) in md and "1 personas" in md
+    assert str(ev) in md and "1 personas" in md and "## Persona fidelity" in md

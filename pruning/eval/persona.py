@@ -185,19 +185,34 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+@dataclass
+class DenseReference:
+    """The dense base's side of every measure for one persona's questions: computed once, shared
+    by every model compared with it."""
+    answers: list[tuple[str, bool]]
+    judged: JudgedAnswers
+    pmi: list[float]
+
+
+def dense_reference(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
+                    dense_answers: list[tuple[str, bool]], batch_size: int = 8) -> DenseReference:
+    da, df = [a for a, _ in dense_answers], [f for _, f in dense_answers]
+    return DenseReference(dense_answers, judge_answers(dense, tok, sys_u, sys_refs, questions, da, df, batch_size),
+                          pmi_per_question(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size))
+
+
 def persona_fidelity(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
                      dense_answers: list[tuple[str, bool]], own_answers: list[tuple[str, bool]], *,
-                     model=None, masks=None, seed: int = 0, batch_size: int = 8) -> dict:
+                     model=None, masks=None, seed: int = 0, batch_size: int = 8,
+                     reference: DenseReference | None = None) -> dict:
     """Every persona measure of one model (`model`, or the dense base under `masks`) against the
-    dense base on the same questions; `*_answers` are (text, finished) greedy answers under sys_u."""
-    def texts(pairs):
-        return [a for a, _ in pairs], [f for _, f in pairs]
-
-    da, df = texts(dense_answers)
-    oa, of = texts(own_answers)
-    judged_dense = judge_answers(dense, tok, sys_u, sys_refs, questions, da, df, batch_size)
+    dense base on the same questions; `*_answers` are (text, finished) greedy answers under sys_u
+    (`reference`: the dense side, when it was computed already)."""
+    ref = reference or dense_reference(dense, tok, sys_u, sys_refs, questions, dense_answers, batch_size)
+    judged_dense, pmi_dense = ref.judged, ref.pmi
+    da, df = [a for a, _ in ref.answers], [f for _, f in ref.answers]
+    oa, of = [a for a, _ in own_answers], [f for _, f in own_answers]
     judged = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
-    pmi_dense = pmi_per_question(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size)
     pmi = pmi_per_question(model if model is not None else dense, tok, sys_u, sys_refs, questions, da, df,
                            masks=None if model is not None else masks, batch_size=batch_size)
     den = sum(pmi_dense)

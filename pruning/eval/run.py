@@ -25,6 +25,7 @@ from pruning.chat import answer_ids, chat_ids, messages
 from pruning.datasets import load_instructions, load_reference_personas
 from pruning.eval.attribution import attribution
 from pruning.eval.metrics import EvalSet, Evaluator, load_eval_file
+from pruning.eval.persona import persona_fidelity, persona_prompts
 from pruning.generate import hf, vllm_engine
 from pruning.manifest import MANIFEST, Manifest
 from pruning.model_io import load_model, resolve_base
@@ -176,19 +177,28 @@ def run_eval(model_dir: str | Path, eval_file: str | Path, *, base: str | Path |
     result: dict = {"model": str(model_dir), "base": str(base_dir), "backend": backend,
                     "method": manifest.method, "sparsity": manifest.sparsity}
 
-    def kl_set(s: EvalSet) -> tuple[dict, list[str]]:
+    def kl_set(s: EvalSet) -> tuple[dict, list[tuple[str, bool]]]:
         pairs = dgen.answers(s.system, s.questions, opts.max_new_tokens)
         ev = Evaluator(dense, tok, s.system, s.questions, answers=[a for a, _ in pairs],
                        finished=[f for _, f in pairs])
-        return ev.score(model=pruned), [a for a, _ in pairs]
+        return ev.score(model=pruned), pairs
 
     log("persona set: dense answers, KL, NLL")
-    result["persona"], dense_answers = kl_set(persona_set)
+    result["persona"], dense_pairs = kl_set(persona_set)
+    dense_answers = [a for a, _ in dense_pairs]
     log("persona set: pruned answers, attribution")
-    own = [a for a, _ in pgen.answers(persona_set.system, persona_set.questions, opts.max_new_tokens)]
+    own_pairs = pgen.answers(persona_set.system, persona_set.questions, opts.max_new_tokens)
+    own = [a for a, _ in own_pairs]
     who = persona_set.persona or persona_set.system or ""
     result["persona"].update(attribution(own, who, refs))
     result["persona"]["attribution_dense"] = attribution(dense_answers, who, refs)["attribution"]
+    log(f"persona set: judge margin, top-1, PMI against {len(refs)} reference personas")
+    sys_u, sys_refs = persona_prompts(persona_set.system, persona_set.persona, refs)
+    if sys_u != persona_set.system:  # the measures ask under one template for every persona
+        dense_pairs = dgen.answers(sys_u, persona_set.questions, opts.max_new_tokens)
+        own_pairs = pgen.answers(sys_u, persona_set.questions, opts.max_new_tokens)
+    result["persona"].update(persona_fidelity(dense, tok, sys_u, sys_refs, persona_set.questions, dense_pairs,
+                                              own_pairs, model=pruned, seed=opts.seed))
     log("general set: KL, NLL")
     result["general"], _ = kl_set(general_set)
     if opts.conversations and opts.turns:
@@ -253,10 +263,14 @@ NPC_PROBES = [
 ]
 
 
+QUICK_REFERENCES = 8  # reference personas of the service's own check (each costs ~4 s per NPC on 2 cores)
+
+
 def quick_eval(base_dir: Path, model_dir: Path, persona: str, system: str | None, *, n_general: int = 8,
                max_new_tokens: int = 64, progress=lambda f: None) -> dict:
     """The NPC's headline metrics with transformers only (no second engine in a worker):
-    persona KL/NLL/attribution on fixed probes under its system prompt, general KL/NLL."""
+    persona KL/NLL/attribution and judge retention on fixed probes under its system prompt,
+    general KL/NLL; `retention` and `kl_to_dense` (the persona's) also at the top."""
     dense, tok = load_model(Path(base_dir), dtype=torch.float32)
     pruned, _ = load_model(Path(model_dir), dtype=torch.float32)
     progress(0.1)
@@ -269,11 +283,22 @@ def quick_eval(base_dir: Path, model_dir: Path, persona: str, system: str | None
         out[name] = {"kl_to_dense": round(m["kl_to_dense"], 5), "nll": round(m["nll"], 4),
                      "nll_dense": round(m["nll_dense"], 4)}
         if name == "persona":
-            own = [a for a, _ in hf.generate_detailed(pruned, tok, sys_text, qs, max_new_tokens)]
-            out[name]["attribution"] = attribution(own, persona, load_reference_personas())["attribution"]
-            progress(0.6)
+            own_pairs = hf.generate_detailed(pruned, tok, sys_text, qs, max_new_tokens)
+            refs = load_reference_personas()
+            out[name]["attribution"] = attribution([a for a, _ in own_pairs], persona, refs)["attribution"]
+            progress(0.5)
+            sys_u, sys_refs = persona_prompts(sys_text, persona, refs[:QUICK_REFERENCES])
+            if sys_u != sys_text:
+                pairs = hf.generate_detailed(dense, tok, sys_u, qs, max_new_tokens)
+                own_pairs = hf.generate_detailed(pruned, tok, sys_u, qs, max_new_tokens)
+            fid = persona_fidelity(dense, tok, sys_u, sys_refs, qs, pairs, own_pairs, model=pruned)
+            out[name].update({k: fid[k] for k in ("retention", "retention_ci", "judge_margin", "judge_top1",
+                                                  "pmi_retention", "degenerate", "fluency_nll")})
+            out[name]["judge_margin_dense"] = fid["dense"]["judge_margin"]
+            progress(0.7)
     eff, dense_eff = efficiency(pruned, Path(model_dir)), efficiency(dense, Path(base_dir))
-    out.update(params=eff["params"], params_ratio=round(eff["params"] / dense_eff["params"], 4),
+    out.update(retention=out["persona"]["retention"], kl_to_dense=out["persona"]["kl_to_dense"],
+               params=eff["params"], params_ratio=round(eff["params"] / dense_eff["params"], 4),
                checkpoint_bytes=eff["checkpoint_bytes"], flops_per_token=eff["flops_per_token"])
     progress(1.0)
     return out

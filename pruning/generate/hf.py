@@ -13,15 +13,16 @@ from pruning.prefix_forward import common_prefix_len, expanded_cache, prefix_kv
 
 @torch.no_grad()
 def generate_detailed(model, tok, system: str | None, questions: list[str], max_new_tokens: int = 96, *,
-                      batch_size: int = 16, temperature: float = 0.0, seed: int = 0, max_prompt: int = 512,
+                      batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
                       progress: Callable[[float], None] = lambda f: None) -> list[tuple[str, bool]]:
     """(answer, finished) per question; finished = ended with end-of-turn within the budget.
 
     Rows are grouped by prompt length; the shared system prefix is run once and its KV cache
     reused (left padding sits between the prefix and each question; the attention mask and
-    mask-derived position ids keep every row exact).
+    mask-derived position ids keep every row exact). The persona prompt is never cut: a long
+    one is what a persona-conditioned answer depends on.
     """
-    seqs = [prompt_ids(tok, q, system)[-max_prompt:] for q in questions]
+    seqs = [prompt_ids(tok, q, system) for q in questions]
     return generate_ids(model, tok, seqs, max_new_tokens, batch_size=batch_size, temperature=temperature,
                         seed=seed, progress=progress)
 

@@ -48,6 +48,11 @@ def _safe_name(name: str) -> str:
     return name if re.match(NAME_PATTERN, name) else "NPC"
 
 
+def _is_json(ctype: str) -> bool:
+    media = ctype.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _read_body(request: Request) -> tuple[NpcCreate, dict | None]:
     """JSON body, or multipart with the card file (PNG or JSON) plus form fields."""
     ctype = request.headers.get("content-type", "")
@@ -65,6 +70,9 @@ async def _read_body(request: Request) -> tuple[NpcCreate, dict | None]:
         card = parse_card(raw)
         fields["card"] = card
         body = fields
+    elif not _is_json(ctype):
+        raise ApiError(415, f"content-type {ctype.split(';')[0] or '(none)'} is not accepted: send "
+                       "application/json, or multipart/form-data with a card file", code="unsupported_media_type")
     else:
         try:
             body = await request.json()

@@ -34,6 +34,15 @@ def _clean_partial(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def prune_device(setting: str) -> str:
+    """The device a worker prunes on: NPC_WORKER_DEVICE, `auto` = the host's CUDA device if any."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 async def prune_npc(ctx: dict, npc_id: str) -> str:
     settings = ctx["settings"]
     store = NpcStore(ctx["redis"])
@@ -80,7 +89,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             prune, base, rec["persona"], rec["sparsity"], rec["method"], out,
             seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts,
             progress=lambda f, stage: progress(span * f, stage), options=rec.get("options") or {},
-            system_prompt=system, cache_dir=settings.data / "cache",
+            system_prompt=system, cache_dir=settings.data / "cache", device=prune_device(settings.worker_device),
         )
         if evaluate:
             from pruning.eval.run import quick_eval

@@ -13,7 +13,7 @@ import time
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
-from service.jobs.prune_job import prune_npc
+from service.jobs.prune_job import prune_device, prune_npc
 from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNER, QUEUE
 from service.settings import Settings
 
@@ -23,15 +23,19 @@ HEARTBEAT_TTL = 15
 log = logging.getLogger(__name__)
 
 
-def _device() -> str:
+def _device(settings) -> str:
+    """Where this worker's jobs run (NPC_WORKER_DEVICE), as /v1/workers shows it."""
+    dev = prune_device(settings.worker_device)
+    if dev == "cpu":
+        return dev
     import torch
 
-    return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{torch.cuda.get_device_name(torch.device(dev))}"
 
 
 async def _heartbeat(ctx: dict) -> None:
     info = {"id": ctx["worker_id"], "host": socket.gethostname(), "pid": os.getpid(),
-            "device": _device(), "started": time.time()}
+            "device": _device(ctx["settings"]), "started": time.time()}
     while True:
         try:
             await ctx["redis"].set(HEARTBEAT.format(ctx["worker_id"]),

@@ -105,6 +105,7 @@ class CheckpointStore:
         fs = self._fs()
         dest = f"{self.url}/{npc_id}"
         files = sorted(p for p in Path(local_dir).iterdir() if p.is_file() and p.name != MANIFEST)
+        fs.makedirs(dest, exist_ok=True)  # a directory store does not create folders on put (S3 has none)
         for f in files:
             fs.put_file(str(f), f"{dest}/{f.name}")
         fs.put_file(str(Path(local_dir) / MANIFEST), f"{dest}/{MANIFEST}")  # the commit marker

@@ -139,7 +139,7 @@ def reference_stats(model, tok, instructions: list[str], references: list[str], 
         path = reference_stats_path(model, instructions, references, band, cache_dir, base_id)
         if path.is_file():
             try:
-                t = torch.load(path, map_location="cpu")
+                t = torch.load(path, map_location="cpu", weights_only=True)
                 if t["raw"].shape[0] == len(instructions):
                     progress(1.0)
                     return t
