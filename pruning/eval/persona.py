@@ -32,6 +32,12 @@ from pruning.prefix_forward import (Example, channel_mask, forward_suffixes, len
                                     scored_positions, shared_prompt_len)
 
 LOOP_RATIO = 0.5
+
+
+def _mean(xs: list[float]) -> float:
+    """The mean of the values that are not NaN."""
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
 TEMPLATE = "You are roleplaying as a character with this persona: {persona}\nStay in character in every reply."
 
 
@@ -122,10 +128,7 @@ class JudgedAnswers:
     fluency: list[float]       # per question, the judge's NLL under sys_u (NaN for an empty answer)
 
     def summary(self, seed: int = 0) -> dict:
-        def mean(xs):
-            xs = [x for x in xs if x == x]
-            return sum(xs) / len(xs) if xs else float("nan")
-
+        mean = _mean
         fl = [x for x in self.fluency if x == x]
         return {"judge_margin": round(mean(self.margins), 5),
                 "judge_margin_ci": [round(x, 5) for x in bootstrap_ci(self.margins, seed=seed)],
@@ -136,13 +139,24 @@ class JudgedAnswers:
                 "fluency_nll_ci": [round(x, 4) for x in bootstrap_ci(fl, seed=seed)]}
 
 
-def judge_answers(judge, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
-                  finished: list[bool] | None = None, batch_size: int = 8) -> JudgedAnswers:
-    """The dense judge's margin, top-1 and fluency of one model's own answers."""
+def _prompt_nlls(model, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
+                 finished: list[bool] | None, masks=None, batch_size: int = 8):
+    """(answer ids, NLL per answer under sys_u, [NLL per answer under each sys_v]) under `model`."""
     ids = [answer_ids(tok, a, True if finished is None else finished[i]) for i, a in enumerate(answers)]
-    own = answer_nlls(judge, tok, sys_u, questions, ids, batch_size=batch_size)
-    refs = [answer_nlls(judge, tok, s, questions, ids, batch_size=batch_size) for s in sys_refs]
+    own = answer_nlls(model, tok, sys_u, questions, ids, masks=masks, batch_size=batch_size)
+    refs = [answer_nlls(model, tok, s, questions, ids, masks=masks, batch_size=batch_size) for s in sys_refs]
+    return ids, own, refs
+
+
+def _pmi(own: list[float], refs: list[list[float]]) -> list[float]:
+    """Per answer: mean_v NLL(. | sys_v) - NLL(. | sys_u); 0 for an empty answer."""
+    return [sum(r[i] for r in refs) / len(refs) - own[i] if refs and own[i] == own[i] else 0.0
+            for i in range(len(own))]
+
+
+def _judged(ids, own, refs, finished: list[bool] | None) -> JudgedAnswers:
     margins, top1, degenerate = [], [], []
+    pmi = _pmi(own, refs)
     for i, a in enumerate(ids):
         # the answer's own ids without the end-of-turn token: a loop is in the words
         loop = distinct_bigram_ratio(a[:-1] if a and (finished is None or finished[i]) else a) < LOOP_RATIO
@@ -151,27 +165,25 @@ def judge_answers(judge, tok, sys_u: str, sys_refs: list[str], questions: list[s
             top1.append(0.0)
             degenerate.append(1.0)
             continue
-        others = [r[i] for r in refs]
-        margins.append(sum(others) / len(others) - own[i] if others else 0.0)
-        top1.append(1.0 if all(own[i] < o for o in others) else 0.0)
+        margins.append(pmi[i])
+        top1.append(1.0 if all(own[i] < r[i] for r in refs) else 0.0)
         degenerate.append(0.0)
     return JudgedAnswers(margins, top1, degenerate, own)
+
+
+def judge_answers(judge, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
+                  finished: list[bool] | None = None, batch_size: int = 8) -> JudgedAnswers:
+    """The dense judge's margin, top-1 and fluency of one model's own answers."""
+    ids, own, refs = _prompt_nlls(judge, tok, sys_u, sys_refs, questions, answers, finished, batch_size=batch_size)
+    return _judged(ids, own, refs, finished)
 
 
 def pmi_per_question(model, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
                      finished: list[bool] | None = None, *, masks=None, batch_size: int = 8) -> list[float]:
     """Per question: mean_v NLL(A_u | sys_v) - NLL(A_u | sys_u) under `model` (with `masks`),
     teacher-forced on the given answers (the dense base's)."""
-    ids = [answer_ids(tok, a, True if finished is None else finished[i]) for i, a in enumerate(answers)]
-    own = answer_nlls(model, tok, sys_u, questions, ids, masks=masks, batch_size=batch_size)
-    refs = [answer_nlls(model, tok, s, questions, ids, masks=masks, batch_size=batch_size) for s in sys_refs]
-    out = []
-    for i in range(len(ids)):
-        if own[i] != own[i] or not refs:
-            out.append(0.0)
-            continue
-        out.append(sum(r[i] for r in refs) / len(refs) - own[i])
-    return out
+    _, own, refs = _prompt_nlls(model, tok, sys_u, sys_refs, questions, answers, finished, masks, batch_size)
+    return _pmi(own, refs)
 
 
 def retention(model_margins: list[float], dense_margins: list[float], seed: int = 0) -> dict:
@@ -179,10 +191,6 @@ def retention(model_margins: list[float], dense_margins: list[float], seed: int 
     value = sum(model_margins) / den if den else float("nan")
     return {"retention": round(value, 4),
             "retention_ci": [round(x, 4) for x in ratio_ci(model_margins, dense_margins, seed=seed)]}
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 @dataclass
@@ -197,8 +205,9 @@ class DenseReference:
 def dense_reference(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
                     dense_answers: list[tuple[str, bool]], batch_size: int = 8) -> DenseReference:
     da, df = [a for a, _ in dense_answers], [f for _, f in dense_answers]
-    return DenseReference(dense_answers, judge_answers(dense, tok, sys_u, sys_refs, questions, da, df, batch_size),
-                          pmi_per_question(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size))
+    # the judge of the dense answers and their PMI under the dense base read the same NLLs
+    ids, own, refs = _prompt_nlls(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size)
+    return DenseReference(dense_answers, _judged(ids, own, refs, df), _pmi(own, refs))
 
 
 def persona_fidelity(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
