@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,27 @@ def test_shipped_data():
     with_input = next(r for r in rows if r["input"])  # shown to the model in the Alpaca layout
     assert f"{with_input['instruction']}\n\n### Input:\n{with_input['input']}" in load_instructions()
     assert len(load_reference_personas()) >= 10
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def test_no_eval_question_is_in_the_shipped_data():
+    """Quality is measured on questions the method never trained on: no pool instruction may be an
+    eval question or a close paraphrase (word-set Jaccard >= 0.65; three once were verbatim)."""
+    import glob
+
+    questions = [q for f in [*glob.glob(str(ROOT / "benchmarks/unseen_eval/*.json")),
+                             *glob.glob(str(ROOT.parent / "shared/data/eval/*.json"))]
+                 for q in json.loads(Path(f).read_text())["questions"]]
+    assert len(questions) >= 200  # the unseen set, and the shared one where it is checked out
+    evq = [_words(q) for q in questions]
+    close = []
+    for text in load_instructions():
+        a = _words(text)
+        close += [(text, q) for q, b in zip(questions, evq) if len(a & b) / len(a | b) >= 0.65]
+    assert close == []
 
 
 def test_keep_count_and_topk_exact():
