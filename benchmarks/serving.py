@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import ROOT
-from benchmarks.serving_report import plots, report, write_doc
+from benchmarks.serving_report import BASELINE, plots, report, write_doc
 from service.devserver import DEFAULT_BASE, Server, default_models_dir
 
 ROLES = ["pirate captain", "village baker", "blacksmith", "court wizard", "tavern keeper", "city guard",
@@ -37,16 +37,34 @@ QUESTIONS = ["What brings you here today?", "Tell me about your work.", "Any new
              "What do you fear most?", "Can you help me find the old mill?", "What is your favourite food?"]
 
 
-def persona(i: int) -> str:
+SHARED_PERSONAS = ROOT.parent / "shared" / "data" / "personas" / "reference_personas_10.jsonl"
+
+
+def persona(i: int, source: str = "short") -> str:
+    """NPC i's persona. "short": a generated one-liner (~40 tokens); "long": a real persona
+    description (~220 tokens, what users send), the shared reference personas when present (else
+    the shipped ones), with a role added so that every NPC differs."""
     role, mood = ROLES[i % len(ROLES)], MOODS[(i * 5 + i // len(ROLES)) % len(MOODS)]
+    if source == "long":
+        from pruning.datasets import load_reference_personas
+
+        texts = load_reference_personas(SHARED_PERSONAS if SHARED_PERSONAS.is_file() else None)
+        return f"{texts[i % len(texts)]} Today this person works as a {mood} {role} (number {i})."
     return (f"A {mood} {role} (number {i}) who talks about daily chores, local gossip and the weather, "
             f"and answers every question in the voice of a {mood} {role}.")
+
+
+def system_prompt(npc: dict) -> str:
+    """What the server makes of the NPC's persona: the text the baseline sends as its system prompt."""
+    from service.npcs.persona import system_prompt as build
+
+    return build(npc["name"], npc["persona"])
 
 
 # -- NPC checkpoints ---------------------------------------------------------------
 
 
-def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> list[dict]:
+def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], personas: str = "short") -> list[dict]:
     """n NPCs at sparsities[0] with different personas, plus one at each other sparsity."""
     import torch
     from safetensors.torch import save_file
@@ -66,11 +84,12 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
     npcs = []
     for i, sp in specs:
         d = out / f"npc{i:02d}"
-        if (d / MANIFEST).is_file():  # kept from an earlier run (--workdir)
-            npcs.append({"i": i, "sparsity": sp, "dir": d, "persona": persona(i)})
+        npc = {"i": i, "sparsity": sp, "dir": d, "persona": persona(i, personas), "name": f"Bench {i}"}
+        if (d / MANIFEST).is_file() and Manifest.read(d).get("persona") == npc["persona"]:
+            npcs.append(npc)  # kept from an earlier run (--workdir)
             continue
         with torch.no_grad():
-            scores = score(model, tok, PruneContext(persona=persona(i), calibration=calib, seed=i))
+            scores = score(model, tok, PruneContext(persona=npc["persona"], calibration=calib, seed=i))
         kept = select_kept(scores, keep_count(dense, sp))
         d.mkdir(parents=True, exist_ok=True)
         save_file(materialize(base, kept), str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -83,8 +102,8 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...]) -> l
         Manifest({"format": "npc-pruned/1", "base_model": str(base), "base_sha256": base_sha,
                   "method": "activation-prompt", "sparsity": sp, "dense_intermediate_size": dense,
                   "intermediate_size": len(kept[0]), "kept_indices": kept_to_json(kept),
-                  "persona": persona(i), "created": time.time()}).seal(d)
-        npcs.append({"i": i, "sparsity": sp, "dir": d, "persona": persona(i)})
+                  "persona": npc["persona"], "created": time.time()}).seal(d)
+        npcs.append(npc)
     return npcs
 
 
@@ -97,7 +116,8 @@ async def register(redis_url: str, npcs: list[dict], base: Path) -> None:
     store = NpcStore(r)
     for n in npcs:
         n["id"] = f"npc-bench{n['i']:02d}"
-        await store.create({"id": n["id"], "name": f"Bench {n['i']}", "persona": n["persona"],
+        await store.create({"id": n["id"], "name": n["name"], "persona": n["persona"],
+                            "system_prompt": system_prompt(n),
                             "sparsity": n["sparsity"], "method": "activation-prompt", "seed": n["i"],
                             "base": str(base), "owner": "public", "status": "ready", "stage": "ready",
                             "progress": 1.0, "checkpoint": str(n["dir"]), "ready_at": time.time(),
@@ -152,23 +172,27 @@ async def engine_decode(ckpts: dict[str, Path], batch: int, tokens: int, rounds:
 # -- (c): many NPCs on a server -------------------------------------------------------
 
 
-async def client_load(url: str, ids: list[str], pattern: str, n_requests: int, concurrency: int,
-                      max_tokens: int, seed: int = 0) -> dict:
+async def client_load(url: str, targets: list[tuple[str, str | None]], pattern: str, n_requests: int,
+                      concurrency: int, max_tokens: int, seed: int = 0) -> dict:
+    """`concurrency` streaming chat clients sending `n_requests` in all to `targets`: (model, system
+    prompt or None; the server adds an NPC's own)."""
     rng = random.Random(seed)
-    weights = [1 / (k + 1) ** 1.1 for k in range(len(ids))]
-    order = ([ids[k % len(ids)] for k in range(n_requests)] if pattern == "round-robin"
-             else rng.choices(ids, weights, k=n_requests))
-    ttft, tokens, errors = [], [], []
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(targets))]
+    order = ([targets[k % len(targets)] for k in range(n_requests)] if pattern == "round-robin"
+             else rng.choices(targets, weights, k=n_requests))
+    ttft, itl, tokens, errors = [], [], [], []
     queue = list(enumerate(order))
 
     async def worker(client: httpx.AsyncClient):
         while queue:
-            k, npc = queue.pop(0)
-            body = {"model": npc, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": k,
-                    "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}]}
+            k, (model, system) = queue.pop(0)
+            messages = [{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": system})
+            body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": k,
+                    "stream_options": {"include_usage": True}, "messages": messages}
             t = time.time()
-            first = None
+            first = last = None
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     errors.append(r.status_code)
@@ -178,8 +202,13 @@ async def client_load(url: str, ids: list[str], pattern: str, n_requests: int, c
                     if not line.startswith("data:") or line.endswith("[DONE]"):
                         continue
                     d = json.loads(line[5:])
-                    if first is None and d.get("choices") and d["choices"][0]["delta"].get("content"):
-                        first = time.time() - t
+                    if d.get("choices") and d["choices"][0]["delta"].get("content"):
+                        now = time.time()
+                        if first is None:
+                            first = now - t
+                        else:
+                            itl.append(now - last)
+                        last = now
                     if d.get("usage"):
                         tokens.append(d["usage"]["completion_tokens"])
             ttft.append(first if first is not None else time.time() - t)
@@ -190,10 +219,32 @@ async def client_load(url: str, ids: list[str], pattern: str, n_requests: int, c
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.time() - t0
         swaps = _swaps(await client.get(url + "/metrics")) - swaps0
-    q = statistics.quantiles(ttft, n=20) if len(ttft) > 1 else ttft * 19
-    return {"pattern": pattern, "npcs": len(ids), "requests": n_requests, "concurrency": concurrency,
-            "tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": q[18],
+    return {"pattern": pattern, "npcs": len(targets), "requests": n_requests, "concurrency": concurrency,
+            "tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": _p95(ttft),
+            "itl_p50": statistics.median(itl) if itl else None, "itl_p95": _p95(itl) if itl else None,
             "swaps_s": swaps / wall, "swaps": swaps, "wall_s": wall, "errors": len(errors)}
+
+
+def _p95(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=20)[18] if len(xs) > 1 else xs[0]
+
+
+def tree_rss_gib(pid: int) -> float:
+    """Resident memory of a process and its children (the engines' workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for pr in procs:
+        try:
+            total += pr.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2 ** 30
 
 
 def _swaps(r: httpx.Response) -> float:
@@ -225,6 +276,51 @@ def cold_ttft(srv: Server, ids: list[str]) -> list[float]:
     return out
 
 
+LOADS = [(1, "round-robin"), (4, "round-robin"), (8, "round-robin"), (8, "zipf"), (32, "round-robin"), (32, "zipf")]
+
+
+def loads(args) -> list[tuple[int, str]]:
+    return [(n, p) for n, p in LOADS if n in args.npcs and p in args.patterns]
+
+
+def run_loads(url: str, targets: list[tuple[str, str | None]], args, label: str, pid: int,
+              full_warmup: bool = False) -> list[dict]:
+    """`full_warmup`: one unmeasured run of the whole load first (torch.compile compiles each new
+    batch shape on first sight: minutes of stalls that are start-up, not serving)."""
+    runs = []
+    for n_npcs, pattern in loads(args):
+        if full_warmup:
+            asyncio.run(client_load(url, targets[:n_npcs], pattern, args.requests, args.concurrency,
+                                    args.max_tokens))
+        if args.warmup:  # steady state: every NPC has been talked to once (loaded, persona prefix cached)
+            asyncio.run(client_load(url, targets[:n_npcs], "round-robin", n_npcs, args.concurrency, 4))
+        r = asyncio.run(client_load(url, targets[:n_npcs], pattern, args.requests, args.concurrency,
+                                    args.max_tokens))
+        r["slots"], r["rss_gib"] = label, tree_rss_gib(pid)
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    return runs
+
+
+def instant_ttft(srv: Server, n: int) -> list[float]:
+    """POST a new NPC, then chat with it at once (served by its prompt while its prune runs): seconds
+    from the POST to the first streamed token."""
+    out = []
+    for k in range(n):
+        t = time.time()
+        rec = srv.create_npc(f"Fresh {k}", persona(100 + k, "long"), sparsity=0.25)
+        body = {"model": rec["id"], "stream": True, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Good morning!"}]}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=300) as r:
+            assert r.headers.get("x-npc-serving") == "prompt", (r.status_code, r.headers)
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"content": "' in line and '"content": ""' not in line:
+                    out.append(time.time() - t)
+                    break
+        httpx.delete(f"{srv.url}/v1/npcs/{rec['id']}")  # cancel its prune: not what is measured
+    return out
+
+
 def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config: str, args) -> dict:
     """config: a slot count of swap engines, "-nobind" appended for vLLM's own CPU binding (every
     engine on core 0); "mixed-N": N mask engines, every NPC in the same batches (NPC_MIXED_BATCHES)."""
@@ -232,26 +328,61 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
     slots = int(config.removeprefix("mixed-").split("-")[0])
     env = {"NPC_REDIS_URL": redis_url, "NPC_ENGINE_SLOTS": str(slots), "NPC_MAX_ENGINES": str(slots),
            "NPC_MAX_WAITING": "256", "NPC_CPU_BIND": "false" if config.endswith("nobind") else "true",
-           "NPC_MIXED_BATCHES": "1" if mixed else "0"}
+           "NPC_MIXED_BATCHES": "1" if mixed else "0", "NPC_INSTANT_NPCS": "1" if mixed else "0"}
     srv = Server(tmp / f"serve-{config}", models, extra_env=env).start()
     try:
         ids = [n["id"] for n in npcs if n["sparsity"] == args.sparsities[0]]
         wait_engines(srv, slots)
         res = {"slots": config, "runs": []}
-        # cold first token: NPCs not in any slot (the first `slots` may hold prewarmed ones)
-        res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])
-        for n_npcs, pattern in [(1, "round-robin"), (8, "round-robin"), (8, "zipf"), (32, "round-robin"),
-                                (32, "zipf")]:
-            if args.warmup:  # steady state: every NPC has been talked to once (loaded, persona prefix cached)
-                asyncio.run(client_load(srv.url, ids[:n_npcs], "round-robin", n_npcs, args.concurrency, 4))
-            r = asyncio.run(client_load(srv.url, ids[:n_npcs], pattern, args.requests, args.concurrency,
-                                        args.max_tokens))
-            r["slots"] = config
-            print(json.dumps(r), flush=True)
-            res["runs"].append(r)
+        if "b" in args.sections:  # cold first token: NPCs not in any slot (the first `slots` may hold prewarmed ones)
+            res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])
+            if mixed:  # instant NPCs ride the mixed engine (an all-ones mask)
+                res["instant_ttft"] = instant_ttft(srv, 4)
+        res["runs"] = run_loads(srv.url, [(i, None) for i in ids], args, config, srv.proc.pid)
         return res
     finally:
         srv.stop()
+
+
+def baseline_runs(base: Path, npcs: list[dict], args) -> dict:
+    """What a user would run instead of us: plain vLLM's OpenAI server on the dense base (its own
+    defaults: torch.compile, its CPU binding; prefix caching on, the KV cache and dtype our engines
+    get), every NPC's persona sent as the system prompt."""
+    import subprocess
+    import sys
+
+    from pruning.engine_args import engine_dtype
+    from service.devserver import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+           "--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1", "--dtype", engine_dtype(),
+           "--max-model-len", "2048", "--enable-prefix-caching", "--kv-cache-memory-bytes", str(256 << 20)]
+    log = tempfile.NamedTemporaryFile(prefix="vllm-baseline-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"vLLM baseline did not start: {Path(log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        targets = [("base", system_prompt(n)) for n in npcs if n["sparsity"] == args.sparsities[0]]
+        return {"slots": BASELINE, "runs": run_loads(url, targets, args, BASELINE, proc.pid, full_warmup=True)}
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -262,6 +393,13 @@ def main() -> None:
     ap.add_argument("--slots", default="2,mixed-1,mixed-2",
                     help='engine configs to compare: a swap-engine slot count ("2-nobind": without per-core '
                          'binding) or "mixed-N" (N mask engines, NPCs batched together)')
+    ap.add_argument("--sections", default="a,b,c", help="which parts to run: a (decode), b (cold NPC), c (load)")
+    ap.add_argument("--npcs", default="1,8,32", help="NPC counts of (c)")
+    ap.add_argument("--patterns", default="round-robin,zipf", help="request patterns of (c)")
+    ap.add_argument("--personas", choices=["short", "long"], default="long",
+                    help="long: real persona descriptions (~220 tokens, as users send); short: one-liners")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="(c) without the dense-prompt baseline (plain vLLM, personas as system prompts)")
     ap.add_argument("--cold", type=int, default=8)
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="(c) without a first unmeasured request to every NPC: first contacts included")
@@ -269,8 +407,12 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the pruned NPCs here for the next run")
+    ap.add_argument("--no-doc", dest="doc", action="store_false", help="print only; leave docs/ as it is")
     args = ap.parse_args()
     args.sparsities = tuple(float(x) for x in args.sparsities.split(","))
+    args.sections = set(args.sections.split(","))
+    args.npcs = {int(x) for x in args.npcs.split(",")}
+    args.patterns = set(args.patterns.split(","))
     t_start = time.time()
     from service import redis_embedded
 
@@ -279,29 +421,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         t = time.time()
-        npcs = make_npcs(base, (args.workdir or tmp) / "npcs", 32, args.sparsities)
+        npcs = make_npcs(base, (args.workdir or tmp) / "npcs", max(32, *args.npcs), args.sparsities, args.personas)
         print(f"pruned {len(npcs)} NPCs in {time.time() - t:.0f}s", flush=True)
 
-        # the NPC's engine starts first: its start time is (b)'s fresh-engine number, and an engine
-        # started beside running ones is slowed by them
-        pruned = {f"pruned {n['sparsity']}": n["dir"] for n in npcs if n["i"] == 0 or n["i"] >= 32}
-        ckpts = {**pruned, "dense": base}
-        decode = asyncio.run(engine_decode(ckpts, 8, 64, args.rounds))
-        print(json.dumps(decode), flush=True)
+        decode = {}
+        if "a" in args.sections:
+            # the NPC's engine starts first: its start time is (b)'s fresh-engine number, and an engine
+            # started beside running ones is slowed by them
+            pruned = {f"pruned {n['sparsity']}": n["dir"] for n in npcs if n["i"] == 0 or n["i"] >= 32}
+            decode = asyncio.run(engine_decode({**pruned, "dense": base}, 8, 64, args.rounds))
+            print(json.dumps(decode), flush=True)
 
-        proc, redis_url = redis_embedded.start(tmp / "redis")
-        try:
-            # only the main shape: another shape's prewarmed engine would take one of the slots
-            asyncio.run(register(redis_url, [n for n in npcs if n["sparsity"] == args.sparsities[0]], base))
-            serve = [serve_runs(models, redis_url, tmp, npcs, s, args) for s in args.slots.split(",")]
-        finally:
-            redis_embedded.stop(proc)
-    best = min(serve, key=lambda r: statistics.median(r["cold_ttft"]))
-    cold = {"swap": best["cold_ttft"], "swap_p50": statistics.median(best["cold_ttft"]), "slots": best["slots"],
-            "fresh_s": decode[f"pruned {args.sparsities[0]}"]["engine_first_token_s"]}
-    names = plots(ROOT / "docs", decode, cold, serve)
-    write_doc(report(decode, cold, serve, args, time.time() - t_start))
-    raw = {"decode": decode, "cold": cold, "serve": serve, "plots": names}
+        serve = []
+        if args.sections & {"b", "c"}:
+            if args.baseline and "c" in args.sections:
+                serve.append(baseline_runs(base, npcs, args))
+            proc, redis_url = redis_embedded.start(tmp / "redis")
+            try:
+                # only the main shape: another shape's prewarmed engine would take one of the slots
+                asyncio.run(register(redis_url, [n for n in npcs if n["sparsity"] == args.sparsities[0]], base))
+                serve += [serve_runs(models, redis_url, tmp, npcs, s, args) for s in args.slots.split(",")]
+            finally:
+                redis_embedded.stop(proc)
+    cold = {}
+    with_cold = [r for r in serve if r.get("cold_ttft")]
+    if with_cold:
+        best = min(with_cold, key=lambda r: statistics.median(r["cold_ttft"]))
+        cold = {"swap": best["cold_ttft"], "swap_p50": statistics.median(best["cold_ttft"]), "slots": best["slots"],
+                "fresh_s": decode.get(f"pruned {args.sparsities[0]}", {}).get("engine_first_token_s")}
+    raw = {"decode": decode, "cold": cold, "serve": serve}
+    if args.doc:
+        raw["plots"] = plots(ROOT / "docs", decode, cold, serve)
+        write_doc(report(decode, cold, serve, args, time.time() - t_start))
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1, default=str))
     print(json.dumps(raw, indent=1, default=str))

@@ -75,7 +75,7 @@ class Manifest:
             m = cls(json.loads((ckpt_dir / MANIFEST).read_text()))
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: {MANIFEST} is missing") from None
-        except (OSError, ValueError) as e:
+        except ValueError as e:  # other OSErrors (EMFILE, EIO, a store's 403) pass on: they are not the bytes' fault
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: {MANIFEST} unreadable ({e})") from None
         if not m.files:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: manifest lists no file digests")

@@ -24,6 +24,9 @@ FAST_ENV = {
     "NPC_DEFAULT_METHOD": "activation", "NPC_EVALUATE": "0",
     "NPC_ENGINE_SLOTS": "1",
     "NPC_MIXED_BATCHES": "0",
+    # swap engines would start a dense-base engine for an NPC whose prune runs; tests/test_mixed.py
+    # covers instant NPCs on the mixed engine, where they cost no engine
+    "NPC_INSTANT_NPCS": "0",
 }
 
 

@@ -25,7 +25,8 @@ class NpcCreate(BaseModel):
     persona: str | None = Field(None, min_length=1, max_length=MAX_PERSONA_CHARS,
                                 description="persona description (or give `card`)")
     card: dict[str, Any] | None = Field(None, description="a Tavern V1/V2/V3 character card object")
-    sparsity: float = Field(0.25, gt=0, le=0.9, description="share of FFN channels to remove, in (0, 0.9]")
+    sparsity: float = Field(0.25, ge=0, le=0.9, description="share of FFN channels to remove, in [0, 0.9]; 0: a "
+                            "prompt-only NPC (the dense base with the persona prompt), ready at once, no job")
     method: str | None = Field(None, description="pruning method (default: persona-pruner, NPC_DEFAULT_METHOD)")
     options: dict[str, Any] | None = Field(None, description='method options, e.g. {"profile": "fast"}, '
                                            '{"steps": 80}, {"recover": true}')
@@ -92,6 +93,9 @@ class Npc(BaseModel):
     greeting: str | None = None
     persona_truncated: bool = False
     keep_alive: float | None = Field(None, description="the NPC's residency (seconds; -1 pinned); null: the default")
+    serving: Literal["prompt", "pruned"] | None = Field(
+        None, description="what answers its chats now: the dense base with its persona prompt (a prompt-only NPC, "
+                          "or while its prune runs), or its pruned model; null: nothing (failed, cancelled)")
 
 
 class NpcList(BaseModel):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     engine_memory_fraction: float = Field(0.15, gt=0, le=1, description="vLLM gpu_memory_utilization (CPU memory on CPU hosts)")
+    engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM dtype; auto: bfloat16, or float32 on a CPU without native bf16 (2x faster there)")
     kv_cache_bytes: int | None = Field(None, description="fixed KV cache size; overrides the memory fraction")
     max_model_len: int = 2048
     max_waiting: int = Field(64, description="requests queued per engine before 429")
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
     engine_slots: int = Field(2, ge=1, description="engines per NPC shape, each holding one NPC at a time (2 measured best on 2 cores)")
     cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")
+    instant_npcs: bool = Field(True, description="an NPC chats at once on the dense base with its persona prompt "
+                               "while its prune runs; the pruned model takes over between requests when ready")
     mixed_batches: bool = Field(True, description="serve compact NPCs of one base from one engine, "
                                 "their requests batched together (dense FFN + per-token channel masks)")
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import time
+from pathlib import Path
+
 import httpx
 import jsonschema
 import pytest
@@ -93,7 +96,6 @@ def _error(r: httpx.Response, status: int, openai_schemas) -> dict:
     ({"name": "A", "persona": ""}, "persona"),
     ({"name": "A", "persona": "   "}, "persona"),
     ({"name": "A", "persona": "x" * 4001}, "persona"),
-    ({"name": "A", "persona": "a pirate", "sparsity": 0}, "sparsity"),
     ({"name": "A", "persona": "a pirate", "sparsity": 0.95}, "sparsity"),
     ({"name": "A", "persona": "a pirate", "sparsity": -1}, "sparsity"),
     ({"name": "A", "persona": "a pirate", "method": "nope"}, "method"),
@@ -145,7 +147,18 @@ def test_chat_bad_messages(server, npc_a, openai_schemas):
     assert "2048" in err["message"]
 
 
+def test_sparsity_0_is_a_prompt_only_npc_ready_at_once(server):
+    rec = server.create_npc("Plain Pat", "A plain-spoken ferryman.", sparsity=0)
+    assert (rec["status"], rec["serving"], rec["method"], rec["progress"]) == ("ready", "prompt", "prompt", 1.0)
+    assert rec["id"] in {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    # no job: nothing is queued for it, and it stays ready
+    time.sleep(1)
+    assert httpx.get(f"{server.url}/v1/npcs/{rec['id']}").json()["status"] == "ready"
+    assert httpx.delete(f"{server.url}/v1/npcs/{rec['id']}").json()["deleted"] is True
+
+
 def test_chat_not_ready_is_409_then_delete(server, openai_schemas):
+    """With NPC_INSTANT_NPCS=0 (the test server's): an NPC whose prune runs is not served yet."""
     rec = server.create_npc("Baker Bea", "A cheerful baker who loves bread.", sparsity=0.5)
     assert rec["status"] == "queued"
     r = httpx.post(server.url + "/v1/chat/completions",
@@ -166,3 +179,26 @@ def test_metrics_count_chat(server, npc_a, oai):
     for name in ("npc_requests_total", "npc_completion_tokens_total", "npc_time_to_first_token_seconds_bucket",
                  "npc_e2e_request_latency_seconds_count"):
         assert any(line.startswith(name) and label in line for line in text.splitlines()), name
+
+
+def test_an_io_error_opening_a_checkpoint_is_a_503_and_the_npc_stays_ready(server, npc_a, openai_schemas):
+    """Only bytes that fail their hash mark an NPC failed; an I/O error (here: the manifest path is
+    a directory, so reading it raises IsADirectoryError) is a 503 to retry, and the NPC serves again
+    once the fault is gone."""
+    ckpt = server.data_dir / "npcs" / npc_a["id"]
+    manifest, aside = ckpt / "manifest.json", ckpt / "manifest.json.aside"
+    manifest.rename(aside)
+    try:
+        manifest.mkdir()
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": npc_a["id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        err = _error(r, 503, openai_schemas)
+        assert err["code"] == "checkpoint_unavailable" and r.headers["retry-after"]
+        assert str(ckpt) not in err["message"]
+        assert httpx.get(f"{server.url}/v1/npcs/{npc_a['id']}").json()["status"] == "ready"
+    finally:
+        manifest.rmdir()
+        aside.rename(manifest)
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                   json={"model": npc_a["id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text

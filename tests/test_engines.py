@@ -40,6 +40,8 @@ def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0, trace:
     `trace` as well: every generated position's [token id, {token id: logprob}] of its top)."""
     from transformers import AutoTokenizer
 
+    from pruning.engine_args import engine_dtype
+
     tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
     req = ChatCompletionRequest(model=rec["id"], messages=[{"role": "user", "content": LONG + question}])
     ids = ChatServing(None, None, None).build_prompt(rec, req, tok)
@@ -47,7 +49,7 @@ def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0, trace:
         import json
         from vllm import LLM, SamplingParams
         if __name__ == "__main__":
-            llm = LLM(model={rec['checkpoint']!r}, enforce_eager=True, dtype="bfloat16", max_model_len=2048,
+            llm = LLM(model={rec['checkpoint']!r}, enforce_eager=True, dtype={engine_dtype()!r}, max_model_len=2048,
                       kv_cache_memory_bytes={256 << 20}, seed=0)
             sp = SamplingParams(temperature=0, max_tokens=1 if {top_logprobs} and not {trace} else 24,
                                 logprobs={top_logprobs} or None)

@@ -207,3 +207,44 @@ def test_channel_scales_ride_the_mask(mixed):
     # same top token; logprobs within 0.2 nats: the engines' logits are bf16, whose steps are 0.125
     # at these magnitudes, and the mask rounds x * scale where the checkpoint rounds W * scale
     assert _gap(_first_token_logprobs(r), want) < 0.2, (_first_token_logprobs(r), want)
+
+
+def _serving(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return r.headers["x-npc-serving"]
+
+
+def test_prompt_only_npc_and_instant_npc_switch_to_their_pruned_mask(mixed):
+    """sparsity 0 is a prompt-only NPC (ready at once, no job); an NPC whose prune still runs chats
+    at once on the dense base with its persona prompt, and its pruned mask takes over between
+    requests: no failed request, never back to the prompt, and the pruned answers are the mask's."""
+    srv, _ = mixed
+    persona = "A gruff dwarven miner named Brok who counts every coin and distrusts elves."
+    kw = {"logprobs": True, "top_logprobs": 5, "max_tokens": 4}
+    q = "Who are you, and what do you do all day?"
+    prompt_only = srv.create_npc("Brok", persona, sparsity=0)
+    assert (prompt_only["status"], prompt_only["serving"], prompt_only["method"]) == ("ready", "prompt", "prompt")
+    r = _chat(srv, prompt_only["id"], q, **kw)
+    assert _serving(r) == "prompt"
+    dense = _first_token_logprobs(r)
+
+    npc = srv.create_npc("Brok", persona, sparsity=0.5, method="activation-prompt")
+    assert npc["status"] == "queued" and npc["serving"] == "prompt"
+    seen, deadline = [], time.time() + 300
+    while time.time() < deadline:
+        r = _chat(srv, npc["id"], q, **kw)
+        seen.append((_serving(r), _first_token_logprobs(r)))
+        if seen[-1][0] == "pruned" and len(seen) > 1:
+            break
+    modes = [m for m, _ in seen]
+    assert modes[-1] == "pruned" and modes == sorted(modes, key=["prompt", "pruned"].index), modes
+    for mode, lp in seen:
+        if mode == "prompt":  # the same base and system prompt as the prompt-only NPC
+            assert _gap(lp, dense) < 0.1, (lp, dense)
+        else:  # its own mask (a stale all-ones adapter would give the dense answer)
+            assert _gap(lp, dense) > 0.1, (lp, dense)
+    assert srv_get(srv, npc["id"])["serving"] == "pruned"
+
+
+def srv_get(srv, npc_id: str) -> dict:
+    return httpx.get(f"{srv.url}/v1/npcs/{npc_id}").json()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -22,7 +23,7 @@ from service.errors import ApiError
 from service.jobs.queue import enqueue_prune
 from service.npcs.cards import card_to_npc, parse_card
 from service.npcs.persona import system_prompt
-from service.npcs.records import new_id
+from service.npcs.records import new_id, serving_of
 from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList, NpcLoad
 
 router = APIRouter(prefix="/v1/npcs", tags=["npcs"])
@@ -32,8 +33,9 @@ IDEMPOTENCY_TTL = 24 * 3600
 MAX_CARD_BYTES = 8 << 20
 
 
-def public(rec: dict) -> Npc:
-    return Npc.model_validate({k: v for k, v in rec.items() if k in Npc.model_fields})
+def public(rec: dict, instant: bool = True) -> Npc:
+    fields = {k: v for k, v in rec.items() if k in Npc.model_fields}
+    return Npc.model_validate({**fields, "serving": serving_of(rec, instant)})
 
 
 async def owned(store, npc_id: str, who: deps.Principal) -> dict:
@@ -143,31 +145,39 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
             for _ in range(50):  # the winner may still be writing its record
                 rec = await store.get(prior["id"])
                 if rec is not None:
-                    return public(rec)
+                    return public(rec, settings.instant_npcs)
                 await asyncio.sleep(0.1)
             raise ApiError(409, "a request with this Idempotency-Key is still being processed",
                            param="Idempotency-Key", headers={"Retry-After": "1"})
 
     system = system_prompt(fields["name"], fields["persona"], fields.get("card_system_prompt"))
-    rec = await store.create({"id": npc_id, **fields, "system_prompt": system, "sparsity": req.sparsity,
-                              "method": method, "options": options, "evaluate": evaluate, "seed": req.seed,
-                              "base": str(base), "owner": who.tenant, "keep_alive": req.keep_alive})
+    rec = {"id": npc_id, **fields, "system_prompt": system, "sparsity": req.sparsity, "method": method,
+           "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant,
+           "keep_alive": req.keep_alive}
+    if req.sparsity == 0:  # prompt-only: the dense base with the persona prompt, nothing to prune
+        rec = await store.create({**rec, "method": "prompt", "options": {}, "status": "ready", "stage": "ready",
+                                  "progress": 1.0, "ready_at": time.time()})
+        return public(rec, settings.instant_npcs)
+    rec = await store.create(rec)
     await enqueue_prune(queue, npc_id)
-    return public(rec)
+    return public(rec, settings.instant_npcs)
 
 
 @router.get("", response_model=NpcList)
-async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store)) -> NpcList:
-    return NpcList(data=[public(r) for r in await store.list() if who.owns(r)])
+async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store),
+                    settings=Depends(deps.settings)) -> NpcList:
+    return NpcList(data=[public(r, settings.instant_npcs) for r in await store.list() if who.owns(r)])
 
 
 @router.get("/{npc_id}", response_model=Npc)
-async def get_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(deps.store)) -> Npc:
-    return public(await owned(store, npc_id, who))
+async def get_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(deps.store),
+                  settings=Depends(deps.settings)) -> Npc:
+    return public(await owned(store, npc_id, who), settings.instant_npcs)
 
 
 @router.get("/{npc_id}/events")
-async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key), store=Depends(deps.store)):
+async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key), store=Depends(deps.store),
+                     settings=Depends(deps.settings)):
     """Server-Sent Events: the NPC record each time it changes, until the job ends."""
     await owned(store, npc_id, who)
 
@@ -178,7 +188,7 @@ async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key
             if rec is None:
                 yield {"event": "deleted", "data": json.dumps({"id": npc_id})}
                 return
-            body = public(rec).model_dump_json()
+            body = public(rec, settings.instant_npcs).model_dump_json()
             if body != last:
                 last = body
                 yield {"event": "npc", "data": body}

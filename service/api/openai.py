@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
@@ -31,12 +32,18 @@ async def _until_disconnect(request: Request, coro):
             task.cancel()
 
 
+SERVING_HEADER = "x-npc-serving"  # "prompt" (the dense base with the persona prompt) or "pruned"
+
+
 async def _serve(request: Request, req, who, serving):
+    meta: dict = {}
     if not req.stream:
-        return await _until_disconnect(request, serving.complete(req, who))
-    events, release = await serving.stream(req, who)
+        body = await _until_disconnect(request, serving.complete(req, who, meta))
+        return JSONResponse(body, headers={SERVING_HEADER: meta["serving"]})
+    events, release = await serving.stream(req, who, meta)
     # sse-starlette cancels `events` when the client disconnects: the generation is aborted with it
-    return EventSourceResponse(events, background=BackgroundTask(release), ping=15)
+    return EventSourceResponse(events, background=BackgroundTask(release), ping=15,
+                               headers={SERVING_HEADER: meta["serving"]})
 
 
 @router.post("/chat/completions")

@@ -25,7 +25,8 @@ def engine_args(settings, ckpt: Path, mask: bool = False):
                      max_cpu_loras=max(settings.mixed_batch_npcs, settings.mixed_loaded_npcs))
     return AsyncEngineArgs(**engine_kwargs(
         str(ckpt), max_model_len=settings.max_model_len, kv_cache_bytes=settings.kv_cache_bytes,
-        memory_fraction=settings.engine_memory_fraction, worker_extension_cls=SWAP_WORKER, **extra))
+        memory_fraction=settings.engine_memory_fraction, dtype=settings.engine_dtype, worker_extension_cls=SWAP_WORKER,
+        **extra))
 
 
 def pick_core(settings, used: list[str | None]) -> str | None:

@@ -50,6 +50,7 @@ class _MaskedEngine:
 @dataclass
 class MaskSlot(Slot):
     npcs: dict[str, float] = field(default_factory=dict)  # loaded NPC -> last use
+    lora_of: dict[str, int] = field(default_factory=dict)  # loaded NPC -> the adapter id it runs with
     active: dict[str, int] = field(default_factory=dict)  # NPC -> requests in flight
     pinned_masks: set[str] = field(default_factory=set)  # NPCs pinned in vLLM's LoRA cache
 
@@ -64,7 +65,7 @@ class MixedStrategy:
     def __init__(self, pool: "EnginePool"):
         self.pool = pool
         self.residency = pool.residency
-        self._lora_ids: dict[str, int] = {}
+        self._lora_ids: dict[tuple, int] = {}
         self._adapters: dict[tuple, str] = {}
 
     def applies(self, w: NpcWeights) -> bool:
@@ -100,10 +101,13 @@ class MixedStrategy:
         # the least loaded engine; on a tie, one that already holds this NPC's mask
         return min(slots, key=lambda s: (s.inflight, bw.npc_id not in s.npcs, s.index))
 
-    def _lora_id(self, npc_id: str) -> int:
-        if npc_id not in self._lora_ids:
-            self._lora_ids[npc_id] = len(self._lora_ids) + 1
-        return self._lora_ids[npc_id]
+    def _lora_id(self, k: tuple) -> int:
+        """One adapter id per (NPC, checkpoint): an NPC served by its prompt (the base, every channel)
+        gets a new id when its pruned mask takes over, so vLLM's adapter cache never answers with the
+        old one, and requests still running on the old id finish on it."""
+        if k not in self._lora_ids:
+            self._lora_ids[k] = len(self._lora_ids) + 1
+        return self._lora_ids[k]
 
     async def _adapter(self, w: NpcWeights):
         """The NPC's mask as a vLLM LoRA request (the adapter directory is written once)."""
@@ -120,15 +124,19 @@ class MixedStrategy:
             await asyncio.to_thread(write_mask_adapter, out, w.kept, cfg["intermediate_size"],
                                     cfg["hidden_size"], w.base_dir, w.scales)
             path = self._adapters[k] = str(out)
-        return LoRARequest(w.npc_id, self._lora_id(w.npc_id), path)
+        lora_id = self._lora_id(k)
+        return LoRARequest(f"{w.npc_id}-{lora_id}", lora_id, path)
 
     async def _drop_adapter(self, slot: MaskSlot, npc_id: str) -> None:
         slot.npcs.pop(npc_id, None)
         slot.pinned_masks.discard(npc_id)
+        lora_id = slot.lora_of.pop(npc_id, None)
         metrics.EVICTIONS.labels(base=slot.base).inc()
         self.pool.update_loaded()
+        if lora_id is None:
+            return
         try:
-            await slot.engine.remove_lora(self._lora_id(npc_id))
+            await slot.engine.remove_lora(lora_id)
         except Exception:
             log.warning("removing %s's mask adapter failed", npc_id, exc_info=True)
 
@@ -147,7 +155,9 @@ class MixedStrategy:
         slot.active[npc] = slot.active.get(npc, 0) + 1
         try:
             lora = await self._adapter(w)
-            if npc not in slot.npcs:
+            if slot.lora_of.get(npc) != lora.lora_int_id:
+                # first use here, or its mask changed (prompt -> pruned): the old adapter is left to
+                # vLLM's LRU cache, since requests may still run on it
                 t0 = time.time()
                 try:
                     await slot.engine.add_lora(lora)
@@ -155,6 +165,9 @@ class MixedStrategy:
                     raise ApiError(503, f"loading NPC '{npc}' into an engine failed: {type(e).__name__}: {e}",
                                    code="engine_error", headers={"Retry-After": "1"}) from e
                 slot.npcs[npc] = time.time()
+                if slot.lora_of.get(npc) is not None:
+                    slot.pinned_masks.discard(npc)
+                slot.lora_of[npc] = lora.lora_int_id
                 metrics.LOAD_LATENCY.labels(base=slot.base).observe(time.time() - t0)
                 self.pool.update_loaded()
             if self.residency.pinned(npc) and npc not in slot.pinned_masks:  # one RPC per pin, not per request

@@ -83,6 +83,22 @@ def _opened(stat_key: tuple, mixed: bool) -> OpenedCheckpoint:
     return OpenedCheckpoint(ckpt, slim, config, base, kept, scales)
 
 
+@lru_cache(maxsize=16)
+def _opened_base(stat_key: tuple) -> OpenedCheckpoint:
+    base = Path(stat_key[0])
+    config = json.loads((base / "config.json").read_text())
+    every = array("i", range(config["intermediate_size"]))
+    manifest = Manifest({"base_model": str(base), "base_sha256": checkpoint_sha256(base), "files": {}})
+    return OpenedCheckpoint(base, manifest, config, str(base), tuple(every for _ in range(config["num_hidden_layers"])))
+
+
+def open_base(base_dir: str) -> OpenedCheckpoint:
+    """The dense base as a compact "checkpoint" that keeps every channel: what a prompt-only NPC (or
+    one whose prune still runs) is served with, by the same engines as pruned NPCs (hashed once per
+    on-disk state)."""
+    return _opened_base(_stat_key(str(base_dir)))
+
+
 class CheckpointStore:
     def __init__(self, url: str | None, cache_dir: Path, storage_options: dict | None = None):
         self.url = url.rstrip("/") if url else None

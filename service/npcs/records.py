@@ -14,8 +14,22 @@ INDEX = "npc:index"
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
 
 
+PROMPT_SERVABLE = ("queued", "running")
+
+
 def new_id() -> str:
     return "npc-" + secrets.token_hex(6)
+
+
+def serving_of(rec: dict, instant: bool = True) -> str | None:
+    """What answers this NPC's chats now: "pruned" (its own checkpoint), "prompt" (the dense base
+    with its persona prompt: a prompt-only NPC, or an NPC whose prune is still running when
+    instant NPCs are on), or None (nothing: failed or cancelled)."""
+    if rec.get("status") == "ready":
+        return "pruned" if rec.get("checkpoint") else "prompt"
+    if instant and rec.get("status") in PROMPT_SERVABLE:
+        return "prompt"
+    return None
 
 
 class NpcStore:

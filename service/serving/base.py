@@ -14,8 +14,8 @@ from service import metrics
 from service.engines.pool import EnginePool
 from service.engines.slot import NpcWeights, shape_key
 from service.errors import ApiError
-from service.npcs.checkpoints import CheckpointStore, OpenedCheckpoint
-from service.npcs.records import NpcStore
+from service.npcs.checkpoints import CheckpointStore, OpenedCheckpoint, open_base
+from service.npcs.records import NpcStore, serving_of
 
 DEFAULT_TEMPERATURE = 0.7
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")
@@ -53,6 +53,7 @@ class Prepared:
     params: object
     keep_alive: float | None
     echo: bool = False
+    serving: str = "pruned"  # or "prompt": the dense base with the persona prompt
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -80,30 +81,44 @@ class Serving:
         raise NotImplementedError
 
     async def resolve(self, model: str, who=None) -> tuple[dict, OpenedCheckpoint, NpcWeights]:
-        """The caller's ready NPC `model`, its verified checkpoint and how to load it."""
+        """The caller's servable NPC `model`, its verified checkpoint (the dense base while it is
+        served by its prompt) and how to load it."""
         rec = await self.store.get(model)
         if rec is None or (who is not None and not who.owns(rec)):
             raise ApiError(404, f"The model '{model}' does not exist: no NPC has this id",
                            param="model", code="model_not_found")
         if rec.get("keep_alive") is not None:  # the NPC's own residency, also after a restart
             self.pool.residency.remember(rec["id"], rec["keep_alive"])
-        if rec["status"] != "ready":
+        mode = serving_of(rec, self.settings.instant_npcs)
+        if mode is None:
             raise ApiError(409, f"NPC '{model}' is not ready (status: {rec['status']}); "
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
         try:
-            ck = await asyncio.to_thread(self.ckpts.open, rec["checkpoint"], self.settings.mixed_batches)
-        except (CorruptCheckpoint, OSError, ValueError) as e:
+            if mode == "prompt":
+                ck = await asyncio.to_thread(open_base, rec["base"])
+            else:
+                ck = await asyncio.to_thread(self.ckpts.open, rec["checkpoint"], self.settings.mixed_batches)
+        except OSError as e:  # a full disk, EMFILE, a store's 403: not the checkpoint's fault, retry
+            raise ApiError(503, f"NPC '{model}' cannot be opened now ({type(e).__name__}: "
+                           f"{e.strerror or 'I/O error'}); retry shortly",
+                           code="checkpoint_unavailable", headers={"Retry-After": "5"}) from None
+        except (CorruptCheckpoint, ValueError) as e:
             reason = str(e)
-            # never serve it again: the NPC is failed until it is recreated
+            if mode == "prompt":  # the base is the server's, not the NPC's: nothing to mark failed
+                raise ApiError(503, f"the base model of NPC '{model}' cannot be opened: {reason}",
+                               code="base_model_missing", headers={"Retry-After": "5"}) from None
+            # only bytes that fail their hash (or a missing file): never served again until recreated
             await self.store.update(model, status="failed", stage="failed", error=reason)
             raise ApiError(409, f"NPC '{model}' cannot be served: {reason}", param="model",
                            code="checkpoint_corrupt") from None
         except Exception as e:  # the store is unreachable: not the NPC's fault, try again later
             raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}: {e}",
                            code="store_unavailable", headers={"Retry-After": "5"}) from e
+        rec["serving"] = mode
         return rec, ck, npc_weights(model, ck)
 
-    async def prepare(self, req, who=None) -> Prepared:
+    async def prepare(self, req, who=None, meta: dict | None = None) -> Prepared:
+        """Everything a generation needs; `meta` gets what the response headers say ("serving")."""
         known = False
         try:
             rec, ck, w = await self.resolve(req.model, who)
@@ -118,7 +133,9 @@ class Serving:
             raise
         await self._remember_keep_alive(rec, req.keep_alive)
         fingerprint = "fp_" + (ck.manifest.base_sha256 or "")[:10]
-        return Prepared(fingerprint, w, tok, prompts, params, req.keep_alive)
+        if meta is not None:
+            meta["serving"] = rec["serving"]
+        return Prepared(fingerprint, w, tok, prompts, params, req.keep_alive, serving=rec["serving"])
 
     async def _remember_keep_alive(self, rec: dict, keep_alive: float | None) -> None:
         """The latest keep_alive given for an NPC is its residency until another is given, across restarts."""

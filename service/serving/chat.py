@@ -73,8 +73,8 @@ class ChatServing(Serving):
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def complete(self, req: ChatCompletionRequest, who=None) -> dict:
-        p = await self.prepare(req, who)
+    async def complete(self, req: ChatCompletionRequest, who=None, meta: dict | None = None) -> dict:
+        p = await self.prepare(req, who, meta)
         label = metrics.npc_label(req.model)
         t0 = time.time()
         rid = "chatcmpl-" + secrets.token_hex(12)
@@ -93,9 +93,9 @@ class ChatServing(Serving):
         return ChatCompletion(id=rid, created=int(t0), model=req.model, choices=choices,
                               usage=Usage.of(n_prompt, n_completion), system_fingerprint=p.fingerprint).model_dump()
 
-    async def stream(self, req: ChatCompletionRequest, who=None):
+    async def stream(self, req: ChatCompletionRequest, who=None, meta: dict | None = None):
         """Validate and reserve first (errors become HTTP statuses), then return the event iterator."""
-        p = await self.prepare(req, who)
+        p = await self.prepare(req, who, meta)
         label = metrics.npc_label(req.model)
         rid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())

@@ -78,8 +78,8 @@ class CompletionServing(Serving):
     def _echo(self, p, i: int) -> str:
         return p.tok.decode(p.prompts[i]) if p.echo else ""
 
-    async def complete(self, req: CompletionRequest, who=None) -> dict:
-        p = await self.prepare(req, who)
+    async def complete(self, req: CompletionRequest, who=None, meta: dict | None = None) -> dict:
+        p = await self.prepare(req, who, meta)
         p.echo = req.echo
         label = metrics.npc_label(req.model)
         t0 = time.time()
@@ -100,8 +100,8 @@ class CompletionServing(Serving):
         return TextCompletion(id=rid, created=int(t0), model=req.model, choices=choices,
                               usage=Usage.of(n_prompt, n_completion), system_fingerprint=p.fingerprint).model_dump()
 
-    async def stream(self, req: CompletionRequest, who=None):
-        p = await self.prepare(req, who)
+    async def stream(self, req: CompletionRequest, who=None, meta: dict | None = None):
+        p = await self.prepare(req, who, meta)
         p.echo = req.echo
         label = metrics.npc_label(req.model)
         rid = "cmpl-" + secrets.token_hex(12)

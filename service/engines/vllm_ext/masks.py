@@ -40,9 +40,10 @@ def write_mask_adapter(out_dir: Path, kept: Sequence[Sequence[int]], intermediat
 
     tensors = {}
     for i, idx in enumerate(kept):
-        m = torch.zeros(1, intermediate, dtype=torch.bfloat16)
+        # fp32: an fp32 engine then applies exactly the scales its checkpoint folds in
+        m = torch.zeros(1, intermediate, dtype=torch.float32)
         m[0, torch.tensor(list(idx), dtype=torch.long)] = (
-            1 if scales is None else torch.tensor(list(scales[i]), dtype=torch.float32).to(torch.bfloat16))
+            1 if scales is None else torch.tensor(list(scales[i]), dtype=torch.float32))
         tensors[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_A.weight"] = m
         tensors[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_B.weight"] = \
             torch.zeros(hidden, 1, dtype=torch.bfloat16)
@@ -80,11 +81,12 @@ def _register() -> None:
             self.npc_masks[index].copy_(lora_a[0, : self.input_size])
 
         def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            idx = self.punica_wrapper.token_lora_indices
+            # the wrapper's whole index buffer cut to this batch's rows: its `token_lora_indices`
+            # cuts by a Python-side length, which torch.compile would freeze at trace time. Rows past
+            # the batch's tokens are padding; the clamp keeps their stale (or unset) indices in range.
             n = x.shape[-2] if x.ndim == 3 else x.shape[0]
-            if idx.shape[0] < n:  # padded tokens: dense
-                idx = torch.nn.functional.pad(idx, (0, n - idx.shape[0]), value=-1)
-            x = x * self.npc_masks[idx[:n]].view(*x.shape[:-1], -1)
+            idx = self.punica_wrapper._token_lora_indices[:n].clamp(-1, self.npc_masks.shape[0] - 2)
+            x = x * self.npc_masks[idx].view(*x.shape[:-1], -1)
             return self._get_quant_method().apply(self.base_layer, x, bias)
 
         @classmethod
