@@ -24,7 +24,8 @@ Q = "\nNow tell me: what would you do first in this town?"
 def mixed(tmp_path_factory, models_dir):
     srv = Server(tmp_path_factory.mktemp("npc-mixed"), models_dir,
                  extra_env={"NPC_MIXED_BATCHES": "1", "NPC_ENGINE_SLOTS": "1",
-                                "NPC_MIXED_BATCH_NPCS": "4", "NPC_MAX_WAITING": "8"}).start()
+                                "NPC_MIXED_BATCH_NPCS": "4", "NPC_MAX_WAITING": "8",
+                                "NPC_INSTANT_NPCS": "1"}).start()
     ids = {
         "a": srv.create_npc("Rook", PERSONA_A, sparsity=0.25)["id"],
         "b": srv.create_npc("Bea", PERSONA_B, sparsity=0.5, method="activation-prompt")["id"],
