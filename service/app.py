@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from service import errors, metrics, redis_embedded
 from service.api import admin, health, npcs, openai
 from service.engines.pool import EnginePool
+from service.jobs.queue import SERIALIZERS
 from service.npcs.checkpoints import from_settings as checkpoint_store
 from service.npcs.records import NpcStore
 from service.serving.chat import ChatServing
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("embedded Redis at %s", url)
         app.state.redis = Redis.from_url(url)
         app.state.store = NpcStore(app.state.redis)
-        app.state.queue = await create_pool(RedisSettings.from_dsn(url))
+        app.state.queue = await create_pool(RedisSettings.from_dsn(url), **SERIALIZERS)
         await asyncio.to_thread(_import_engine_libs)
         app.state.engines = EnginePool(settings)
         app.state.ckpts = checkpoint_store(settings)

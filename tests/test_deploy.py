@@ -263,7 +263,10 @@ def test_compose_redis(compose):
     redis = compose["services"]["redis"]
     assert redis["image"].split(":")[0] == "redis" and redis["image"].endswith(":7")
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
-    assert "--appendonly" in redis.get("command", [])
+    assert "--appendonly" in redis.get("command", []) and "--requirepass" in redis["command"]
+    password = redis["command"][redis["command"].index("--requirepass") + 1]
+    for name in ("api", "worker"):  # the clients carry the same password
+        assert _env(compose["services"][name])["REDIS_URL"] == f"redis://:{password}@redis:6379/0"
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
 
@@ -279,7 +282,7 @@ def test_compose_api(compose):
     assert api["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     assert any(str(p).split(":")[-1] == "8000" for p in api["ports"])
     env = _env(api)
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"].startswith("redis://:") and env["REDIS_URL"].endswith("@redis:6379/0")
     assert env["NPC_DATA_DIR"] == "/data"
     assert "checkpoints:/data" in api["volumes"]
     assert "http://localhost:8000/healthz" in " ".join(api["healthcheck"]["test"])
@@ -294,7 +297,7 @@ def test_compose_worker(compose):
         command = shlex.split(command)
     assert command == ["npc", "worker"]
     env = _env(worker)
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"].startswith("redis://:") and env["REDIS_URL"].endswith("@redis:6379/0")
     assert "checkpoints:/data" in worker["volumes"]
     assert any("9100" in str(p) for p in worker.get("ports", []) + worker.get("expose", []))
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -430,8 +433,22 @@ def test_k8s_selectors_and_references():
 
 def test_k8s_configmap_settings():
     (cm,) = _find("ConfigMap")
-    assert cm["data"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert "REDIS_URL" not in cm["data"]  # it carries the password: set per Deployment from the Secret
     assert _find("Service", "redis")[0]["spec"]["ports"][0]["port"] == 6379
+
+
+def test_k8s_redis_has_a_password_and_every_client_uses_it():
+    (secret,) = _find("Secret", "npc-redis")
+    assert secret["stringData"]["password"]
+    redis = _container("redis")
+    assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    for name in ("redis", "npc-api", "npc-worker"):
+        env = {e["name"]: e for e in _container(name)["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "npc-redis", "key": "password"}
+        names = [e["name"] for e in _container(name)["env"]]
+        if name != "redis":  # $(REDIS_PASSWORD) expands only from a variable defined before it
+            assert env["REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
+            assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
 
 
 def _container(dep_name: str) -> dict[str, Any]:

@@ -11,6 +11,20 @@ IN_PROGRESS = "arq:in-progress:"
 PRUNE_JOB = "prune_npc"
 
 
+def dumps(job: dict) -> bytes:
+    """arq's job and result serializer: JSON, not pickle (whoever can write the Redis would otherwise
+    run code on every worker). A job is a function name and an NPC id; a failed job's exception is
+    kept as its text."""
+    return json.dumps(job, default=repr).encode()
+
+
+def loads(raw: bytes) -> dict:
+    return json.loads(raw)
+
+
+SERIALIZERS = {"job_serializer": dumps, "job_deserializer": loads}
+
+
 def job_id(npc_id: str) -> str:
     return f"prune:{npc_id}"
 

@@ -14,7 +14,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from service.jobs.prune_job import prune_device, prune_npc
-from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNER, QUEUE
+from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNER, QUEUE, SERIALIZERS
 from service.settings import Settings
 
 HEARTBEAT_EVERY = 5.0
@@ -100,6 +100,7 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
         keep_result=24 * 3600,
         max_tries=3,
         handle_signals=True,
+        **SERIALIZERS,
     )
 
 
