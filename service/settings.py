@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_engines: int = Field(2, ge=1, description="vLLM engines kept running, all shapes together (memory budget)")
     engine_slots: int = Field(2, ge=1, description="engines per NPC shape, each holding one NPC at a time (2 measured best on 2 cores)")
     cpu_bind: bool = Field(True, description="bind each engine's worker to its own CPU core (least used first)")
+    job_timeout_s: int = Field(3600, ge=10, description="a pruning job running longer ends failed, with the reason")
+    job_max_tries: int = Field(3, ge=1, le=20, description="attempts per pruning job (a worker killed mid-job "
+                               "hands it on); after the last, the NPC ends failed, with the reason")
     instant_npcs: bool = Field(True, description="an NPC chats at once on the dense base with its persona prompt "
                                "while its prune runs; the pruned model takes over between requests when ready")
     mixed_batches: bool = Field(True, description="serve compact NPCs of one base from one engine, "

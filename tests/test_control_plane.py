@@ -36,9 +36,9 @@ class Cluster:
         self.api = Server(tmp / "data", models_dir, self.env, args=["--workers", "0"], headers=A).start()
         self.workers: list[subprocess.Popen] = []
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, **extra_env: str) -> subprocess.Popen:
         env = {**os.environ, **self.env, "NPC_DATA_DIR": str(self.api.data_dir),
-               "NPC_MODELS_DIR": str(self.models_dir)}
+               "NPC_MODELS_DIR": str(self.models_dir), **extra_env}
         env.pop("NPC_WORKER_METRICS_PORT", None)
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")
         w = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, cwd=ROOT,
@@ -136,6 +136,20 @@ def test_cancel_running_job(cluster):
     # a second DELETE removes the record
     assert httpx.delete(f"{cluster.api.url}/v1/npcs/{npc['id']}", headers=A).json()["deleted"] is True
     assert httpx.get(f"{cluster.api.url}/v1/npcs/{npc['id']}", headers=A).status_code == 404
+
+
+def test_a_job_past_its_timeout_ends_failed_with_the_reason(cluster):
+    """A job that runs too long is not left `running` for ever: it ends failed, saying why."""
+    cluster.stop_workers()
+    cluster.start_worker(NPC_JOB_TIMEOUT_S="10")
+    try:
+        npc = cluster.api.create_npc("Slow Sam", PERSONA_B, sparsity=0.25, method="persona-pruner")
+        rec = cluster.wait_for(npc["id"], lambda r: r["status"] in ("ready", "failed"), timeout=240)
+        assert rec["status"] == "failed" and "timed out after 10 s" in rec["error"], rec
+    finally:
+        cluster.stop_workers()
+        cluster.start_worker()  # an ordinary one, for the tests after this
+    assert not (cluster.api.data_dir / "npcs" / npc["id"]).exists()
 
 
 def test_idempotency_key(cluster):

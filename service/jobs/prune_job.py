@@ -49,6 +49,12 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     rec = await store.get(npc_id)
     if rec is None or rec["status"] in ("ready", "cancelled", "failed"):
         return "skipped"
+    tries = rec.get("attempts", 0)
+    if tries >= settings.job_max_tries:  # each attempt's worker died or was stopped mid-job
+        await store.update(npc_id, status="failed", stage="failed", eta_s=None,
+                           error=f"gave up after {tries} attempts (NPC_JOB_MAX_TRIES): each one's worker "
+                                 "stopped before the job ended")
+        return "failed"
     loop = asyncio.get_running_loop()
     started = time.time()
     await store.update(npc_id, status="running", stage="loading", progress=0.0, started=started, eta_s=None,
@@ -85,18 +91,32 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         system = system_prompt_of(rec)
         evaluate = rec.get("evaluate", False)
         span = 0.85 if evaluate else 1.0
-        summary = await asyncio.to_thread(
-            prune, base, rec["persona"], rec["sparsity"], rec["method"], out,
-            seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts,
-            progress=lambda f, stage: progress(span * f, stage), options=rec.get("options") or {},
-            system_prompt=system, cache_dir=settings.data / "cache", device=prune_device(settings.worker_device),
-        )
-        if evaluate:
-            from pruning.eval.run import quick_eval
 
-            summary["metrics"] = await asyncio.to_thread(
-                quick_eval, base, out, rec["persona"], system,
-                progress=lambda f: progress(span + (1 - span) * f * 0.99, "evaluating"))
+        async def work() -> dict:
+            summary = await asyncio.to_thread(
+                prune, base, rec["persona"], rec["sparsity"], rec["method"], out,
+                seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts,
+                progress=lambda f, stage: progress(span * f, stage), options=rec.get("options") or {},
+                system_prompt=system, cache_dir=settings.data / "cache", device=prune_device(settings.worker_device),
+            )
+            if evaluate:
+                from pruning.eval.run import quick_eval
+
+                summary["metrics"] = await asyncio.to_thread(
+                    quick_eval, base, out, rec["persona"], system,
+                    progress=lambda f: progress(span + (1 - span) * f * 0.99, "evaluating"))
+            return summary
+
+        try:
+            summary = await asyncio.wait_for(work(), settings.job_timeout_s)
+        except asyncio.TimeoutError:
+            # the pruning thread stops at its next progress call (the cancel flag, set below)
+            cancel.set()
+            shutil.rmtree(out, ignore_errors=True)
+            await store.update(npc_id, status="failed", stage="failed", eta_s=None,
+                               error=f"timed out after {settings.job_timeout_s} s in stage {current[0]} "
+                                     "(NPC_JOB_TIMEOUT_S)")
+            return "failed"
     except PruneCancelled:
         shutil.rmtree(out, ignore_errors=True)
         await store.update(npc_id, stage="cancelled", eta_s=None)

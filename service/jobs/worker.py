@@ -96,9 +96,12 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
         on_job_start=job_start,
         on_job_end=job_end,
         max_jobs=1,            # one pruning job at a time: it uses every core
-        job_timeout=3600,
+        # the job keeps its own deadline (settings.job_timeout_s) and reports it on the record;
+        # arq's is the backstop
+        job_timeout=settings.job_timeout_s + 120,
         keep_result=24 * 3600,
-        max_tries=3,
+        # one more than the job's own limit: that call marks the NPC failed instead of arq dropping it
+        max_tries=settings.job_max_tries + 1,
         handle_signals=True,
         **SERIALIZERS,
     )
