@@ -33,7 +33,7 @@ def slotted(tmp_path_factory, models_dir, server, npc_a, npc_b):
     ids = {"a": "npc-slota", "b": "npc-slotb", "c": "npc-slotc"}
     src = {"a": npc_a, "b": npc_b, "c": npc_a}  # c: a's weights under another id
     recs = [{"id": ids[k], "name": f"Slot {k}", "persona": src[k]["persona"], "sparsity": 0.25,
-             "method": src[k]["method"], "base": src[k]["base"], "status": "ready", "stage": "ready",
+             "method": src[k]["method"], "base": str(models_dir / src[k]["base"]), "status": "ready", "stage": "ready",
              "progress": 1.0, "checkpoint": str(server.data_dir / "npcs" / src[k]["id"])} for k in ids]
     asyncio.run(_register(url, recs))
     srv = Server(tmp / "data", models_dir, extra_env={

@@ -35,7 +35,8 @@ MAX_CARD_BYTES = 8 << 20
 
 def public(rec: dict, instant: bool = True) -> Npc:
     fields = {k: v for k, v in rec.items() if k in Npc.model_fields}
-    return Npc.model_validate({**fields, "serving": serving_of(rec, instant)})
+    # the base's name, never a path on this server
+    return Npc.model_validate({**fields, "base": Path(rec["base"]).name, "serving": serving_of(rec, instant)})
 
 
 async def owned(store, npc_id: str, who: deps.Principal) -> dict:

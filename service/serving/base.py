@@ -9,7 +9,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pruning import PruneError
 from pruning.manifest import CorruptCheckpoint
+from pruning.model_io import resolve_base
 from service import metrics
 from service.engines.pool import EnginePool
 from service.engines.slot import NpcWeights, shape_key
@@ -95,7 +97,7 @@ class Serving:
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
         try:
             if mode == "prompt":
-                ck = await asyncio.to_thread(open_base, rec["base"])
+                ck = await asyncio.to_thread(open_base, str(resolve_base(rec["base"], self.settings.models)))
             else:
                 ck = await asyncio.to_thread(self.ckpts.open, rec["checkpoint"], self.settings.mixed_batches)
         except OSError as e:  # a full disk, EMFILE, a store's 403: not the checkpoint's fault, retry
@@ -111,6 +113,12 @@ class Serving:
             await self.store.update(model, status="failed", stage="failed", error=reason)
             raise ApiError(409, f"NPC '{model}' cannot be served: {reason}", param="model",
                            code="checkpoint_corrupt") from None
+        except PruneError as e:
+            if mode == "prompt":  # its base is not installed on this server
+                raise ApiError(503, f"the base model of NPC '{model}' is not installed here",
+                               code="base_model_missing", headers={"Retry-After": "30"}) from None
+            raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}", code="store_unavailable",
+                           headers={"Retry-After": "5"}) from e
         except Exception as e:  # the store is unreachable: not the NPC's fault, try again later
             raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}: {e}",
                            code="store_unavailable", headers={"Retry-After": "5"}) from e
