@@ -25,6 +25,7 @@ def test_healthz(server):
 def test_npc_becomes_ready_and_listed(server, npc_a):
     assert npc_a["status"] == "ready" and npc_a["progress"] == 1.0
     assert npc_a["kept_per_layer"] == 1152
+    assert npc_a["base"] == "smollm2-135m-instruct" and npc_a["serving"] == "pruned"  # a name, no server path
     ids = [n["id"] for n in httpx.get(server.url + "/v1/npcs").json()["data"]]
     assert npc_a["id"] in ids
 
