@@ -39,3 +39,36 @@ def test_jobs_are_json_in_redis_and_a_pickle_is_refused(tmp_path):
     assert job["f"] == "prune_npc" and job["a"] == ["npc-0123456789ab"]
     with pytest.raises(ValueError):  # what the worker's deserializer does with a planted pickle
         loads(pickle.dumps({"f": "prune_npc", "a": [_Boom()]}))
+
+
+def test_status_counts_follow_every_write_and_survive_an_upgrade(tmp_path):
+    """/metrics reads the per-status counts from one hash instead of loading every record."""
+    from redis.asyncio import Redis
+
+    from service.npcs.records import COUNTS, NpcStore
+
+    proc, url = redis_embedded.start(tmp_path)
+
+    async def go():
+        r = Redis.from_url(url)
+        store = NpcStore(r)
+        for i in range(5):
+            await store.create({"id": f"npc-{i}", "name": "N", "persona": "p"})
+        await store.update("npc-0", status="running")
+        await store.update("npc-0", status="ready")
+        await store.update("npc-1", status="failed")
+        await store.update("npc-1", progress=0.5)  # no status change: no count change
+        await store.delete("npc-2")
+        await store.delete("npc-2")  # already gone
+        after_writes = await store.count_by_status()
+        await r.delete(COUNTS)  # records from before the counts were kept
+        rebuilt = await store.count_by_status()
+        await r.aclose()
+        return after_writes, rebuilt
+
+    try:
+        after_writes, rebuilt = asyncio.run(go())
+    finally:
+        redis_embedded.stop(proc)
+    expected = {"queued": 2, "running": 0, "ready": 1, "failed": 1, "cancelled": 0}
+    assert after_writes == expected and rebuilt == expected

@@ -6,7 +6,8 @@ import json
 
 QUEUE = "npc:jobs"
 HEARTBEAT = "npc:worker:{}"
-JOB_OWNER = "npc:jobowner:{}"
+WORKERS = "npc:workers"  # worker id -> last heartbeat (a sorted set: no keyspace SCAN to list them)
+JOB_OWNERS = "npc:jobowners"  # running job id -> its worker id (a hash: the reaper reads it, not the keyspace)
 IN_PROGRESS = "arq:in-progress:"
 PRUNE_JOB = "prune_npc"
 
@@ -39,6 +40,6 @@ async def queue_depth(redis) -> int:
 
 
 async def live_workers(redis) -> list[dict]:
-    keys = [k async for k in redis.scan_iter(match=HEARTBEAT.format("*"))]
-    raws = await redis.mget(keys) if keys else []
-    return [json.loads(r) for r in raws if r]
+    ids = await redis.zrange(WORKERS, 0, -1)
+    raws = await redis.mget([HEARTBEAT.format(i.decode() if isinstance(i, bytes) else i) for i in ids]) if ids else []
+    return [json.loads(r) for r in raws if r]  # a heartbeat key that expired: that worker is gone

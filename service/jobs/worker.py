@@ -14,7 +14,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from service.jobs.prune_job import prune_device, prune_npc
-from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNER, QUEUE, SERIALIZERS
+from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNERS, QUEUE, SERIALIZERS, WORKERS
 from service.settings import Settings
 
 HEARTBEAT_EVERY = 5.0
@@ -38,9 +38,13 @@ async def _heartbeat(ctx: dict) -> None:
             "device": _device(ctx["settings"]), "started": time.time()}
     while True:
         try:
-            await ctx["redis"].set(HEARTBEAT.format(ctx["worker_id"]),
-                                   json.dumps({**info, "seen": time.time(), "job": ctx["state"]["job"]}),
-                                   ex=HEARTBEAT_TTL)
+            now = time.time()
+            async with ctx["redis"].pipeline(transaction=True) as p:
+                p.set(HEARTBEAT.format(ctx["worker_id"]),
+                      json.dumps({**info, "seen": now, "job": ctx["state"]["job"]}), ex=HEARTBEAT_TTL)
+                p.zadd(WORKERS, {ctx["worker_id"]: now})
+                p.zremrangebyscore(WORKERS, "-inf", now - 10 * HEARTBEAT_TTL)  # long gone
+                await p.execute()
             await reap_orphaned_jobs(ctx["redis"])
         except Exception:  # Redis away for a moment: try again next beat
             log.warning("heartbeat failed", exc_info=True)
@@ -56,14 +60,14 @@ async def reap_orphaned_jobs(redis) -> list[str]:
     hands it to the next worker that polls (the job itself stays in the queue).
     """
     released = []
-    async for key in redis.scan_iter(match=IN_PROGRESS + "*"):
-        job_id = (key.decode() if isinstance(key, bytes) else key)[len(IN_PROGRESS):]
-        owner = await redis.get(JOB_OWNER.format(job_id))
-        if owner is None:  # just started, owner not written yet: cannot tell, leave it
-            continue
-        if not await redis.exists(HEARTBEAT.format(owner.decode())):
-            await redis.delete(key, JOB_OWNER.format(job_id))
-            log.warning("worker %s is gone; job %s released for another worker", owner.decode(), job_id)
+    for job_id, owner in (await redis.hgetall(JOB_OWNERS)).items():
+        job_id, owner = (x.decode() if isinstance(x, bytes) else x for x in (job_id, owner))
+        if not await redis.exists(HEARTBEAT.format(owner)):
+            async with redis.pipeline(transaction=True) as p:
+                p.delete(IN_PROGRESS + job_id)
+                p.hdel(JOB_OWNERS, job_id)
+                await p.execute()
+            log.warning("worker %s is gone; job %s released for another worker", owner, job_id)
             released.append(job_id)
     return released
 
@@ -78,14 +82,15 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
     async def shutdown(ctx: dict) -> None:
         ctx["heartbeat"].cancel()
         await ctx["redis"].delete(HEARTBEAT.format(ctx["worker_id"]))
+        await ctx["redis"].zrem(WORKERS, ctx["worker_id"])
 
     async def job_start(ctx: dict) -> None:
         ctx["state"]["job"] = ctx.get("job_id")
-        await ctx["redis"].set(JOB_OWNER.format(ctx["job_id"]), ctx["worker_id"], ex=7 * 24 * 3600)
+        await ctx["redis"].hset(JOB_OWNERS, ctx["job_id"], ctx["worker_id"])
 
     async def job_end(ctx: dict) -> None:
         ctx["state"]["job"] = None
-        await ctx["redis"].delete(JOB_OWNER.format(ctx["job_id"]))
+        await ctx["redis"].hdel(JOB_OWNERS, ctx["job_id"])
 
     return Worker(
         functions=[prune_npc],

@@ -11,6 +11,7 @@ from redis.exceptions import WatchError
 
 REC = "npc:rec:{}"
 INDEX = "npc:index"
+COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
 
 
@@ -40,9 +41,11 @@ class NpcStore:
         now = time.time()
         rec = {"created": now, "updated": now, "status": "queued", "progress": 0.0, "stage": "queued",
                "error": None, **rec}
+        await self._ensure_counts()
         async with self.r.pipeline(transaction=True) as p:
             p.set(REC.format(rec["id"]), json.dumps(rec))
             p.zadd(INDEX, {rec["id"]: now})
+            p.hincrby(COUNTS, rec["status"], 1)
             await p.execute()
         return rec
 
@@ -68,17 +71,30 @@ class NpcStore:
                     rec = {**old, **fields, "updated": time.time()}
                     p.multi()
                     p.set(key, json.dumps(rec))
+                    if rec["status"] != old["status"]:
+                        p.hincrby(COUNTS, old["status"], -1)
+                        p.hincrby(COUNTS, rec["status"], 1)
                     await p.execute()
                     return rec
                 except WatchError:  # someone wrote in between: read again
                     continue
 
     async def delete(self, npc_id: str) -> bool:
+        key = REC.format(npc_id)
         async with self.r.pipeline(transaction=True) as p:
-            p.delete(REC.format(npc_id))
-            p.zrem(INDEX, npc_id)
-            n, _ = await p.execute()
-        return bool(n)
+            while True:
+                try:
+                    await p.watch(key)
+                    raw = await p.get(key)
+                    p.multi()
+                    p.delete(key)
+                    p.zrem(INDEX, npc_id)
+                    if raw is not None:
+                        p.hincrby(COUNTS, json.loads(raw)["status"], -1)
+                    n, *_ = await p.execute()
+                    return bool(n)
+                except WatchError:
+                    continue
 
     async def list(self, limit: int = 1000) -> list[dict]:
         ids = await self.r.zrange(INDEX, 0, limit - 1)
@@ -88,7 +104,27 @@ class NpcStore:
         return [json.loads(r) for r in raws if r]
 
     async def count_by_status(self) -> dict[str, int]:
+        """Records per status: one HGETALL, whatever the number of records."""
+        await self._ensure_counts()
         counts = dict.fromkeys(STATUSES, 0)
-        for rec in await self.list(100_000):
-            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        for k, v in (await self.r.hgetall(COUNTS)).items():
+            counts[k.decode() if isinstance(k, bytes) else k] = max(0, int(v))
         return counts
+
+    async def _ensure_counts(self) -> None:
+        """Records written before the counts were kept: counted once, from the records themselves."""
+        if await self.r.exists(COUNTS):
+            return
+        counts: dict[str, int] = {}
+        ids = await self.r.zrange(INDEX, 0, -1)
+        for start in range(0, len(ids), 1000):
+            keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 1000]]
+            for raw in await self.r.mget(keys):
+                if raw:
+                    st = json.loads(raw)["status"]
+                    counts[st] = counts.get(st, 0) + 1
+        # HSETNX per status: a concurrent first writer's increment is not overwritten
+        async with self.r.pipeline(transaction=True) as p:
+            for st in STATUSES:
+                p.hsetnx(COUNTS, st, counts.get(st, 0))
+            await p.execute()
