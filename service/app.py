@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from arq import create_pool
@@ -35,13 +36,17 @@ def _import_engine_libs() -> None:
 
 
 async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
-    """Start an engine as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s."""
+    """Start an engine as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s.
+    The first pass sees every ready NPC (pins are loaded again after a restart); later passes only
+    those that became ready since, so a pass costs nothing like the number of NPCs."""
+    since = 0.0
     while True:
         await asyncio.sleep(every)
         try:
-            for rec in await app.state.store.list():
-                if rec["status"] == "ready":
-                    await app.state.chat.prewarm(rec)
+            now = time.time()
+            for rec in await app.state.store.ready_since(since - 5 * every):  # a margin for clock skew
+                await app.state.chat.prewarm(rec)
+            since = now
         except Exception:
             log.warning("prewarm pass failed", exc_info=True)
 

@@ -101,6 +101,9 @@ class Npc(BaseModel):
 class NpcList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Npc]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = Field(None, description="pass as `after` for the next page")
 
 
 class ChatMessage(BaseModel):

@@ -30,6 +30,17 @@ def test_npc_becomes_ready_and_listed(server, npc_a):
     assert npc_a["id"] in ids
 
 
+def test_npc_list_pages(server, npc_a, npc_b, openai_schemas):
+    url = server.url + "/v1/npcs"
+    first = httpx.get(url, params={"limit": 1}).json()
+    assert len(first["data"]) == 1 and first["has_more"] is True and first["last_id"] == first["data"][0]["id"]
+    rest = httpx.get(url, params={"limit": 1000, "after": first["last_id"]}).json()
+    every = [n["id"] for n in httpx.get(url, params={"limit": 1000}).json()["data"]]
+    assert [first["last_id"], *[n["id"] for n in rest["data"]]] == every and rest["has_more"] is False
+    _error(httpx.get(url, params={"after": "npc-nosuchnpc"}), 400, openai_schemas)
+    _error(httpx.get(url, params={"limit": 0}), 400, openai_schemas)
+
+
 def test_models_list(oai, npc_a, server, openai_schemas):
     assert npc_a["id"] in [m.id for m in oai.models.list().data]
     _validate(openai_schemas, "ListModelsResponse", httpx.get(server.url + "/v1/models").json())

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -165,9 +165,17 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
 
 
 @router.get("", response_model=NpcList)
-async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store),
-                    settings=Depends(deps.settings)) -> NpcList:
-    return NpcList(data=[public(r, settings.instant_npcs) for r in await store.list() if who.owns(r)])
+async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store), settings=Depends(deps.settings),
+                    limit: int = Query(100, ge=1, le=1000, description="NPCs per page"),
+                    after: str | None = Query(None, description="the last id of the previous page")) -> NpcList:
+    """Your NPCs, oldest first, a page at a time (`has_more`, then `after=last_id`)."""
+    try:
+        recs, more = await store.page(after, limit, who.owns)
+    except KeyError:
+        raise ApiError(400, f"`after`: no NPC with id '{after}'", param="after") from None
+    data = [public(r, settings.instant_npcs) for r in recs]
+    return NpcList(data=data, has_more=more, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None)
 
 
 @router.get("/{npc_id}", response_model=Npc)

@@ -11,6 +11,7 @@ from redis.exceptions import WatchError
 
 REC = "npc:rec:{}"
 INDEX = "npc:index"
+READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
 
@@ -46,6 +47,8 @@ class NpcStore:
             p.set(REC.format(rec["id"]), json.dumps(rec))
             p.zadd(INDEX, {rec["id"]: now})
             p.hincrby(COUNTS, rec["status"], 1)
+            if rec["status"] == "ready":
+                p.zadd(READY, {rec["id"]: now})
             await p.execute()
         return rec
 
@@ -74,6 +77,10 @@ class NpcStore:
                     if rec["status"] != old["status"]:
                         p.hincrby(COUNTS, old["status"], -1)
                         p.hincrby(COUNTS, rec["status"], 1)
+                        if rec["status"] == "ready":
+                            p.zadd(READY, {npc_id: rec["updated"]})
+                        elif old["status"] == "ready":
+                            p.zrem(READY, npc_id)
                     await p.execute()
                     return rec
                 except WatchError:  # someone wrote in between: read again
@@ -89,6 +96,7 @@ class NpcStore:
                     p.multi()
                     p.delete(key)
                     p.zrem(INDEX, npc_id)
+                    p.zrem(READY, npc_id)
                     if raw is not None:
                         p.hincrby(COUNTS, json.loads(raw)["status"], -1)
                     n, *_ = await p.execute()
@@ -103,6 +111,37 @@ class NpcStore:
         raws = await self.r.mget([REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids])
         return [json.loads(r) for r in raws if r]
 
+    async def page(self, after: str | None, limit: int, keep=lambda rec: True) -> tuple[list[dict], bool]:
+        """Up to `limit` records that `keep` accepts, in creation order, after the NPC `after`; and
+        whether more follow. KeyError: `after` is no NPC."""
+        start = 0
+        if after is not None:
+            rank = await self.r.zrank(INDEX, after)
+            if rank is None:
+                raise KeyError(after)
+            start = rank + 1
+        out: list[dict] = []
+        while len(out) <= limit:
+            ids = await self.r.zrange(INDEX, start, start + 255)
+            if not ids:
+                break
+            start += len(ids)
+            for raw in await self.r.mget([REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids]):
+                if raw and keep(rec := json.loads(raw)):
+                    out.append(rec)
+                    if len(out) > limit:
+                        break
+        return out[:limit], len(out) > limit
+
+    async def ready_since(self, t: float) -> list[dict]:
+        """The records of NPCs that became ready at or after `t` (0: every ready NPC)."""
+        ids = await self.r.zrangebyscore(READY, t, "+inf")
+        out = []
+        for start in range(0, len(ids), 256):
+            keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 256]]
+            out += [rec for raw in await self.r.mget(keys) if raw and (rec := json.loads(raw))["status"] == "ready"]
+        return out
+
     async def count_by_status(self) -> dict[str, int]:
         """Records per status: one HGETALL, whatever the number of records."""
         await self._ensure_counts()
@@ -112,19 +151,25 @@ class NpcStore:
         return counts
 
     async def _ensure_counts(self) -> None:
-        """Records written before the counts were kept: counted once, from the records themselves."""
+        """Records written before the counts (and the ready index) were kept: counted once, from the
+        records themselves."""
         if await self.r.exists(COUNTS):
             return
         counts: dict[str, int] = {}
+        ready: dict[str, float] = {}
         ids = await self.r.zrange(INDEX, 0, -1)
         for start in range(0, len(ids), 1000):
             keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 1000]]
             for raw in await self.r.mget(keys):
                 if raw:
-                    st = json.loads(raw)["status"]
-                    counts[st] = counts.get(st, 0) + 1
+                    rec = json.loads(raw)
+                    counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+                    if rec["status"] == "ready":
+                        ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
         # HSETNX per status: a concurrent first writer's increment is not overwritten
         async with self.r.pipeline(transaction=True) as p:
             for st in STATUSES:
                 p.hsetnx(COUNTS, st, counts.get(st, 0))
+            if ready:
+                p.zadd(READY, ready, nx=True)
             await p.execute()

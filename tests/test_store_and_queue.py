@@ -1,4 +1,5 @@
-"""The job queue's wire format: JSON, so a Redis writer cannot make a worker unpickle code."""
+"""What the service keeps in Redis, on a real (embedded) Redis: the job queue's wire format (JSON,
+so a Redis writer cannot make a worker unpickle code), record counts, pages and the ready index."""
 
 from __future__ import annotations
 
@@ -72,3 +73,43 @@ def test_status_counts_follow_every_write_and_survive_an_upgrade(tmp_path):
         redis_embedded.stop(proc)
     expected = {"queued": 2, "running": 0, "ready": 1, "failed": 1, "cancelled": 0}
     assert after_writes == expected and rebuilt == expected
+
+
+def test_pages_and_the_ready_index(tmp_path):
+    from redis.asyncio import Redis
+
+    from service.npcs.records import COUNTS, READY, NpcStore
+
+    proc, url = redis_embedded.start(tmp_path)
+
+    async def go():
+        r = Redis.from_url(url)
+        store = NpcStore(r)
+        for i in range(7):
+            await store.create({"id": f"npc-{i}", "name": "N", "persona": "p", "owner": "a" if i % 2 else "b"})
+        pages, after = [], None
+        while True:
+            recs, more = await store.page(after, 2, lambda rec: rec["owner"] == "b")
+            pages.append([x["id"] for x in recs])
+            if not more:
+                break
+            after = recs[-1]["id"]
+        with pytest.raises(KeyError):
+            await store.page("npc-missing", 2)
+        await store.update("npc-3", status="ready", ready_at=1.0)
+        t = (await store.get("npc-3"))["updated"]
+        await store.create({"id": "npc-7", "name": "N", "persona": "p", "status": "ready"})
+        newly = [x["id"] for x in await store.ready_since(t)]
+        await store.update("npc-3", status="failed")
+        after_fail = [x["id"] for x in await store.ready_since(0)]
+        await r.delete(COUNTS, READY)  # as before the index existed: rebuilt from the records
+        rebuilt = [x["id"] for x in await store.ready_since(0)] if await store.count_by_status() else None
+        await r.aclose()
+        return pages, newly, after_fail, rebuilt
+
+    try:
+        pages, newly, after_fail, rebuilt = asyncio.run(go())
+    finally:
+        redis_embedded.stop(proc)
+    assert pages == [["npc-0", "npc-2"], ["npc-4", "npc-6"]]
+    assert newly == ["npc-3", "npc-7"] and after_fail == ["npc-7"] and rebuilt == ["npc-7"]
