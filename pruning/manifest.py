@@ -79,6 +79,7 @@ class Manifest:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: {MANIFEST} unreadable ({e})") from None
         if not m.files:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir.name}: manifest lists no file digests")
+        m.check_names()
         unread = skip(m)
         for name, digest in m.files.items():
             if unread and name.endswith(unread):
@@ -125,6 +126,15 @@ class Manifest:
     channel_scales = _field("channel_scales", "list[list[float]] | None: per layer, in kept order")
     dropped_layers = _field("dropped_layers", "list[int]: decoder blocks removed (depth pruning)", list)
     files = _field("files", "dict[str, str]: file name -> sha256", dict)
+
+    def check_names(self) -> None:
+        """Every listed file is a plain name inside the checkpoint: a manifest from a store must not
+        make a fetch write, or a verify read, anywhere else."""
+        for name in self.files:
+            if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                    or "\x00" in name):
+                raise CorruptCheckpoint(f"manifest lists a file name that is not a plain name: {name!r}")
+
     intermediate_size = _field("intermediate_size", "int | None: FFN channels per layer after pruning")
 
     @property

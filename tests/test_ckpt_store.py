@@ -94,3 +94,21 @@ def test_s3_publish_fetch_verify(tmp_path, s3):
 
     store.delete(ref)
     assert not fs.exists("npcs/prod/npc-2")
+
+
+def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(tmp_path):
+    """A store is another host's word: a manifest listing '../x' must not make a fetch write there."""
+    from pruning.manifest import CorruptCheckpoint
+
+    d = _checkpoint(tmp_path / "npc-4")
+    store = CheckpointStore(f"file://{tmp_path / 'shared'}", tmp_path / "cache" / "deep")
+    ref = store.publish(d, "npc-4")
+    (tmp_path / "shared" / "escaped").write_text("planted")
+    (tmp_path / "shared" / "npc-4" / MANIFEST).write_text(json.dumps({"files": {"../escaped": "0" * 64}}))
+    with pytest.raises(CorruptCheckpoint, match="plain name"):
+        store.fetch(ref)
+    assert not (tmp_path / "cache" / "escaped").exists() and not list((tmp_path / "cache").rglob("escaped"))
+    bad = _checkpoint(tmp_path / "npc-5")
+    (bad / MANIFEST).write_text(json.dumps({"files": {"/etc/hostname": "0" * 64}}))
+    with pytest.raises(CorruptCheckpoint, match="plain name"):
+        Manifest.verify(bad)

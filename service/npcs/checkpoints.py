@@ -142,7 +142,9 @@ class CheckpointStore:
 
         def fill(tmp: Path) -> None:
             fs.get_file(f"{path}/{MANIFEST}", str(tmp / MANIFEST))
-            for name in Manifest.read(tmp).files:
+            manifest = Manifest.read(tmp)
+            manifest.check_names()  # before any name becomes a local path
+            for name in manifest.files:
                 if name != MANIFEST:
                     fs.get_file(f"{path}/{name}", str(tmp / name))
             Manifest.verify(tmp)
