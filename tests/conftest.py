@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,29 @@ from service.devserver import DEFAULT_BASE, Server, default_models_dir, free_por
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+
+def require(what: str) -> None:
+    """A test's dependency is missing: with CI=true that fails the run (CI must not go green by
+    skipping what it was meant to check); elsewhere the test is skipped."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}; with CI=true a missing test dependency is a failure", pytrace=False)
+    pytest.skip(what)
+
+
+def require_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        require(f"python module {name!r} is not installed")
+
+
+def pytest_configure(config) -> None:
+    # the card, schema and eval tests read ../shared: without it they would quietly not exist
+    if os.environ.get("CI") and not (SHARED / "data").is_dir():
+        raise pytest.UsageError(f"CI=true but {SHARED / 'data'} is missing: the tests that read it cannot run")
+
+
 PERSONA_A = ("A grumpy old pirate captain named Rook who loves rum, hates the navy, "
              "and speaks in salty sea slang about storms, treasure and his ship.")
 PERSONA_B = ("A cheerful village baker who wakes before dawn, adores sourdough and cinnamon buns, "

@@ -8,14 +8,14 @@ import pytest
 
 from pruning.manifest import MANIFEST, CorruptCheckpoint, Manifest, sha256_file
 from service.npcs.checkpoints import CheckpointStore
-from tests.conftest import free_port
+from tests.conftest import free_port, require_module
 
 
 @pytest.fixture(scope="module")
 def s3(monkeypatch_module=None):
     import os
 
-    moto_server = pytest.importorskip("moto.server")
+    moto_server = require_module("moto.server")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

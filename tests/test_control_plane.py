@@ -194,7 +194,10 @@ def test_events_stream_until_done(cluster):
                 seen.append(json.loads(line[5:]))
     assert seen[-1]["status"] == "ready"
     stages = [s["stage"] for s in seen]
-    assert "learning" in stages and "exporting" in stages or "ready" in stages
+    # the stream saw the job work and finish (short stages may fall between two polls: the record's
+    # timings name every stage it went through)
+    assert len(seen) >= 2 and stages[-1] == "ready"
+    assert {"loading", "learning", "exporting"} <= set(seen[-1]["timings"])
     progress = [s["progress"] for s in seen]
     assert progress == sorted(progress)
     assert seen[-1]["timings"]["learning"] > 0 and seen[-1]["timings"]["total"] > 0

@@ -4,11 +4,12 @@ manifests, Prometheus and Grafana configuration.
 These tests need only the files and, where installed, a few tools:
 
 * ``docker compose`` (plugin) or ``docker-compose`` (Debian package
-  ``docker-compose``) for ``config -q``; skipped when neither is there;
+  ``docker-compose``) for ``config -q``;
 * ``kubernetes-validate`` (PyPI) for schema validation of the manifests;
-  skipped when not importable;
 * ``promtool`` (Debian package ``prometheus``) to parse the Prometheus
-  configs and every dashboard query; skipped when absent.
+  configs and every dashboard query.
+
+Each missing one skips its tests, or fails them with CI=true (``conftest.require``).
 
 No Docker engine, cluster, Prometheus server or network is needed.
 """
@@ -28,7 +29,9 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+from tests.conftest import require, require_module
+
+yaml = require_module("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = ROOT / "docker"
@@ -347,7 +350,7 @@ def _compose_cli() -> list[str] | None:
 def test_compose_config_cli():
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` (apt: docker-compose) is installed")
+        require("neither `docker compose` nor `docker-compose` (apt: docker-compose) is installed")
     r = subprocess.run(cli + ["-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -395,7 +398,7 @@ def test_k8s_basic_fields(doc_id, doc):
 @pytest.mark.parametrize("doc_id,doc", [(i, d) for i, d in K8S_DOCS if "keda.sh" not in d["apiVersion"]],
                          ids=[i for i, d in K8S_DOCS if "keda.sh" not in d["apiVersion"]])
 def test_k8s_schema(doc_id, doc):
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = require_module("kubernetes_validate")
     version = kv.latest_version()
     try:
         kv.validate(doc, version, strict=True)
@@ -692,7 +695,7 @@ def test_dashboard_queries_function(dashboard):
 def _promtool() -> str:
     path = shutil.which("promtool")
     if not path:
-        pytest.skip("promtool not installed (apt: prometheus)")
+        require("promtool not installed (apt: prometheus)")
     return path
 
 
