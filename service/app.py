@@ -36,17 +36,21 @@ def _import_engine_libs() -> None:
 
 
 async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
-    """Start an engine as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s.
-    The first pass sees every ready NPC (pins are loaded again after a restart); later passes only
-    those that became ready since, so a pass costs nothing like the number of NPCs."""
-    since = 0.0
+    """Start engines as soon as an NPC of a new shape is ready: its first chat need not wait ~30 s.
+    Each pass takes the NPCs that became ready since the last one (every ready NPC on the first:
+    pins are loaded again after a restart) and keeps those whose shape still waits for an engine
+    (one starts at a time, or there is no room yet), so a pass costs nothing like the number of NPCs."""
+    since, pending = 0.0, {}
     while True:
         await asyncio.sleep(every)
         try:
             now = time.time()
             for rec in await app.state.store.ready_since(since - 5 * every):  # a margin for clock skew
-                await app.state.chat.prewarm(rec)
+                pending[rec["id"]] = rec
             since = now
+            for npc_id, rec in list(pending.items()):
+                if await app.state.chat.prewarm(rec):
+                    del pending[npc_id]
         except Exception:
             log.warning("prewarm pass failed", exc_info=True)
 

@@ -51,20 +51,24 @@ class EnginePool:
             return self.mixed.serving(w, keep_alive)
         return self.swap.serving(w, keep_alive)
 
-    def prewarm(self, w: NpcWeights) -> None:
-        """Start this shape's engines in the background, one at a time, while there is room."""
+    def prewarm(self, w: NpcWeights) -> bool:
+        """Start this shape's engines in the background, one at a time, while there is room; True
+        once every slot of the shape has been started (nothing more to do for it)."""
         if self.mixed.applies(w):
             w = self.mixed.base_weights(w)
         key = w.key
         n = self._prewarmed.get(key, 0)
-        if n >= self.settings.engine_slots or key in self._starting:
-            return  # counted, not re-checked: an explicit unload is not undone behind the user's back
+        if n >= self.settings.engine_slots:
+            return True  # counted, not re-checked: an explicit unload is not undone behind the user's back
+        if key in self._starting:
+            return False
         if len(self.slots.get(key, [])) >= self.settings.engine_slots or self.n_engines() >= self.settings.max_engines:
-            return
+            return False
         self._prewarmed[key] = n + 1
         # only the first engine of a shape holds the NPC it started with; later ones start free
         task = asyncio.ensure_future(self.new_slot(w, hold=key not in self.slots))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return False
 
     async def unload(self, npc_id: str) -> bool:
         """Drop this NPC's mask from every mixed engine, else stop the swap engine holding it;

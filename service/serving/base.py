@@ -160,17 +160,20 @@ class Serving:
         return {"id": npc_id, "object": "npc.load", "loaded": True, "seconds": round(time.time() - t0, 3),
                 "keep_alive": self.pool.residency.of(npc_id)}
 
-    async def prewarm(self, rec: dict) -> None:
+    async def prewarm(self, rec: dict) -> bool:
+        """Start engines for this ready NPC's shape (and load it if pinned); True when nothing more
+        is to be done for it."""
         try:
             _, _, w = await self.resolve(rec["id"])
         except ApiError:
-            return
-        self.pool.prewarm(w)
+            return True
+        settled = self.pool.prewarm(w)
         if rec.get("keep_alive") == -1 and rec["id"] not in self._pins_loaded:
             # a pinned NPC is loaded as soon as it is ready (and again after a restart)
             self._pins_loaded.add(rec["id"])
             task = asyncio.ensure_future(self.load(rec["id"]))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return settled
 
     # -- generation ---------------------------------------------------------------
 
