@@ -55,20 +55,51 @@ async def _prewarm_loop(app: FastAPI, every: float = 2.0) -> None:
             log.warning("prewarm pass failed", exc_info=True)
 
 
+def body_limit(scope) -> int:
+    """A card upload (multipart POST /v1/npcs) may carry a card file up to its own limit; every
+    other body stays under MAX_BODY_BYTES."""
+    ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+    if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/npcs" \
+            and ctype.startswith(b"multipart/form-data"):
+        return npcs.MAX_CARD_BYTES + (64 << 10)  # the card plus its form fields
+    return MAX_BODY_BYTES
+
+
 class LimitBody:
-    """413 for a declared body over MAX_BODY_BYTES. Plain ASGI, not @app.middleware("http"): that
-    wrapper hides the client's disconnect from handlers, so generations could not be aborted."""
+    """413 for a body over its limit, declared (Content-Length) or counted while it is read: a
+    chunked body declares none. The body is read here (every route takes a small JSON or a card)
+    and handed on whole. Plain ASGI, not @app.middleware("http"): that wrapper hides the client's
+    disconnect from handlers, so generations could not be aborted."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            size = dict(scope.get("headers") or []).get(b"content-length", b"")
-            if size.isdigit() and int(size) > MAX_BODY_BYTES:
-                await errors.error_response(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = body_limit(scope)
+        too_large = errors.error_response(413, f"request body over {limit} bytes")
+        size = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if size.isdigit() and int(size) > limit:
+            return await too_large(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
                 return
-        await self.app(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await too_large(scope, receive, send)
+            if not msg.get("more_body"):
+                break
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            # the body once, then the client's own messages (its disconnect aborts a generation)
+            return whole.pop() if whole else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -139,6 +139,20 @@ def test_oversized_body(server, openai_schemas):
     r = httpx.post(server.url + "/v1/npcs", json={"name": "A", "persona": "x" * (2 << 20)})
     _error(r, 413, openai_schemas)
 
+    def chunks(n: int):  # a chunked body declares no Content-Length: counted while it is read
+        for _ in range(n):
+            yield b" " * (64 << 10)
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(32), headers={"content-type": "application/json"})
+    _error(r, 413, openai_schemas)
+    # a card upload may be bigger than other bodies, up to the card limit (8 MiB): a 2 MiB file that
+    # is no card reaches the card parser (400), a 9 MiB one does not (413)
+    junk = b"\x89PNG\r\n\x1a\n" + b"\0" * (2 << 20)
+    r = httpx.post(server.url + "/v1/npcs", files={"card": ("big.png", junk, "image/png")}, timeout=60)
+    _error(r, 400, openai_schemas)
+    r = httpx.post(server.url + "/v1/npcs", files={"card": ("huge.png", junk * 5, "image/png")}, timeout=60)
+    _error(r, 413, openai_schemas)
+
 
 def test_chat_unknown_npc(server, openai_schemas):
     r = httpx.post(server.url + "/v1/chat/completions",

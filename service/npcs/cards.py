@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
+import zlib
 
 from service.errors import ApiError
 
@@ -18,16 +18,50 @@ def _fail(msg: str) -> ApiError:
     return ApiError(400, f"character card: {msg}", param="card", code="invalid_card")
 
 
+def png_text_chunks(data: bytes) -> dict[str, str]:
+    """A PNG's text chunks (tEXt, zTXt, iTXt), keyword -> text, read straight from the chunk list:
+    the pixels are never decoded (a small PNG can inflate to hundreds of MB of them)."""
+    if data[:8] != PNG_MAGIC:
+        raise _fail("not a PNG")
+    out, pos = {}, 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if len(body) < length:
+            raise _fail("the PNG is truncated")
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            break
+        key, _, rest = body.partition(b"\0")
+        try:
+            if kind == b"tEXt":
+                out[key.decode("latin-1")] = rest.decode("latin-1")
+            elif kind == b"zTXt" and rest[:1] == b"\0":
+                out[key.decode("latin-1")] = _inflate(rest[1:]).decode("latin-1")
+            elif kind == b"iTXt":
+                compressed, method, rest = rest[:1], rest[1:2], rest[2:]
+                _lang, _, rest = rest.partition(b"\0")
+                _translated, _, text = rest.partition(b"\0")
+                if compressed == b"\1" and method == b"\0":
+                    text = _inflate(text)
+                out[key.decode("latin-1")] = text.decode("utf-8")
+        except (UnicodeDecodeError, zlib.error):
+            continue  # an unreadable text chunk is not the card's
+    return out
+
+
+def _inflate(raw: bytes, limit: int = 16 << 20) -> bytes:
+    """zlib, bounded: a text chunk may not inflate past `limit` bytes."""
+    d = zlib.decompressobj()
+    out = d.decompress(raw, limit)
+    if d.unconsumed_tail:
+        raise _fail(f"a PNG text chunk inflates past {limit} bytes")
+    return out
+
+
 def _png_card(data: bytes) -> dict:
     """The card JSON from a PNG's text chunks (ccv3 preferred over chara)."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise _fail(f"not a readable PNG ({e})") from None
-    chunks = {k.lower(): v for k, v in getattr(img, "text", {}).items()}
+    chunks = {k.lower(): v for k, v in png_text_chunks(data).items()}
     for key in ("ccv3", "chara"):
         if key in chunks:
             raw = chunks[key]
