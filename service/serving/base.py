@@ -55,7 +55,6 @@ class Prepared:
     params: object
     keep_alive: float | None
     echo: bool = False
-    serving: str = "pruned"  # or "prompt": the dense base with the persona prompt
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -143,7 +142,7 @@ class Serving:
         fingerprint = "fp_" + (ck.manifest.base_sha256 or "")[:10]
         if meta is not None:
             meta["serving"] = rec["serving"]
-        return Prepared(fingerprint, w, tok, prompts, params, req.keep_alive, serving=rec["serving"])
+        return Prepared(fingerprint, w, tok, prompts, params, req.keep_alive)
 
     async def _remember_keep_alive(self, rec: dict, keep_alive: float | None) -> None:
         """The latest keep_alive given for an NPC is its residency until another is given, across restarts."""
