@@ -14,8 +14,6 @@ INDEX = "npc:index"
 READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
-
-
 PROMPT_SERVABLE = ("queued", "running")
 
 
@@ -104,12 +102,16 @@ class NpcStore:
                 except WatchError:
                     continue
 
+    async def _records(self, ids) -> list[dict]:
+        """The records of these ids that still exist, in order (MGET in batches)."""
+        out = []
+        for start in range(0, len(ids), 256):
+            keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 256]]
+            out += [json.loads(raw) for raw in await self.r.mget(keys) if raw]
+        return out
+
     async def list(self, limit: int = 1000) -> list[dict]:
-        ids = await self.r.zrange(INDEX, 0, limit - 1)
-        if not ids:
-            return []
-        raws = await self.r.mget([REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids])
-        return [json.loads(r) for r in raws if r]
+        return await self._records(await self.r.zrange(INDEX, 0, limit - 1))
 
     async def page(self, after: str | None, limit: int, keep=lambda rec: True) -> tuple[list[dict], bool]:
         """Up to `limit` records that `keep` accepts, in creation order, after the NPC `after`; and
@@ -126,8 +128,8 @@ class NpcStore:
             if not ids:
                 break
             start += len(ids)
-            for raw in await self.r.mget([REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids]):
-                if raw and keep(rec := json.loads(raw)):
+            for rec in await self._records(ids):
+                if keep(rec):
                     out.append(rec)
                     if len(out) > limit:
                         break
@@ -135,12 +137,8 @@ class NpcStore:
 
     async def ready_since(self, t: float) -> list[dict]:
         """The records of NPCs that became ready at or after `t` (0: every ready NPC)."""
-        ids = await self.r.zrangebyscore(READY, t, "+inf")
-        out = []
-        for start in range(0, len(ids), 256):
-            keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 256]]
-            out += [rec for raw in await self.r.mget(keys) if raw and (rec := json.loads(raw))["status"] == "ready"]
-        return out
+        recs = await self._records(await self.r.zrangebyscore(READY, t, "+inf"))
+        return [rec for rec in recs if rec["status"] == "ready"]
 
     async def count_by_status(self) -> dict[str, int]:
         """Records per status: one HGETALL, whatever the number of records."""
@@ -157,15 +155,10 @@ class NpcStore:
             return
         counts: dict[str, int] = {}
         ready: dict[str, float] = {}
-        ids = await self.r.zrange(INDEX, 0, -1)
-        for start in range(0, len(ids), 1000):
-            keys = [REC.format(i.decode() if isinstance(i, bytes) else i) for i in ids[start:start + 1000]]
-            for raw in await self.r.mget(keys):
-                if raw:
-                    rec = json.loads(raw)
-                    counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-                    if rec["status"] == "ready":
-                        ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
+        for rec in await self._records(await self.r.zrange(INDEX, 0, -1)):
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            if rec["status"] == "ready":
+                ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
         # HSETNX per status: a concurrent first writer's increment is not overwritten
         async with self.r.pipeline(transaction=True) as p:
             for st in STATUSES:
