@@ -9,7 +9,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pruning import PruneError
 from pruning.manifest import CorruptCheckpoint
 from pruning.model_io import resolve_base
 from service import metrics
@@ -94,35 +93,37 @@ class Serving:
         if mode is None:
             raise ApiError(409, f"NPC '{model}' is not ready (status: {rec['status']}); "
                            "wait until GET /v1/npcs/{id} says ready", param="model", code="npc_not_ready")
+        if mode == "prompt":
+            ck = await self._open_base(model, rec["base"])
+        else:
+            ck = await self._open_checkpoint(model, rec["checkpoint"])
+        rec["serving"] = mode
+        return rec, ck, npc_weights(model, ck)
+
+    async def _open_base(self, model: str, base: str) -> OpenedCheckpoint:
+        """The dense base a prompt-served NPC runs on. It is the server's, not the NPC's: whatever
+        fails here is a 503 and nothing is marked failed."""
         try:
-            if mode == "prompt":
-                ck = await asyncio.to_thread(open_base, str(resolve_base(rec["base"], self.settings.models)))
-            else:
-                ck = await asyncio.to_thread(self.ckpts.open, rec["checkpoint"], self.settings.mixed_batches)
+            return await asyncio.to_thread(open_base, str(resolve_base(base, self.settings.models)))
+        except Exception as e:
+            raise ApiError(503, f"the base model of NPC '{model}' cannot be opened here ({type(e).__name__})",
+                           code="base_model_missing", headers={"Retry-After": "30"}) from None
+
+    async def _open_checkpoint(self, model: str, ref: str) -> OpenedCheckpoint:
+        try:
+            return await asyncio.to_thread(self.ckpts.open, ref, self.settings.mixed_batches)
         except OSError as e:  # a full disk, EMFILE, a store's 403: not the checkpoint's fault, retry
             raise ApiError(503, f"NPC '{model}' cannot be opened now ({type(e).__name__}: "
                            f"{e.strerror or 'I/O error'}); retry shortly",
                            code="checkpoint_unavailable", headers={"Retry-After": "5"}) from None
         except (CorruptCheckpoint, ValueError) as e:
-            reason = str(e)
-            if mode == "prompt":  # the base is the server's, not the NPC's: nothing to mark failed
-                raise ApiError(503, f"the base model of NPC '{model}' cannot be opened: {reason}",
-                               code="base_model_missing", headers={"Retry-After": "5"}) from None
             # only bytes that fail their hash (or a missing file): never served again until recreated
-            await self.store.update(model, status="failed", stage="failed", error=reason)
-            raise ApiError(409, f"NPC '{model}' cannot be served: {reason}", param="model",
+            await self.store.update(model, status="failed", stage="failed", error=str(e))
+            raise ApiError(409, f"NPC '{model}' cannot be served: {e}", param="model",
                            code="checkpoint_corrupt") from None
-        except PruneError as e:
-            if mode == "prompt":  # its base is not installed on this server
-                raise ApiError(503, f"the base model of NPC '{model}' is not installed here",
-                               code="base_model_missing", headers={"Retry-After": "30"}) from None
-            raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}", code="store_unavailable",
-                           headers={"Retry-After": "5"}) from e
         except Exception as e:  # the store is unreachable: not the NPC's fault, try again later
             raise ApiError(503, f"checkpoint store unavailable: {type(e).__name__}: {e}",
                            code="store_unavailable", headers={"Retry-After": "5"}) from e
-        rec["serving"] = mode
-        return rec, ck, npc_weights(model, ck)
 
     async def prepare(self, req, who=None, meta: dict | None = None) -> Prepared:
         """Everything a generation needs; `meta` gets what the response headers say ("serving")."""
@@ -134,7 +135,8 @@ class Serving:
             prompts = self.build_prompts(rec, req, tok)
             params = self.sampling_params(req, max(len(p) for p in prompts), req.stream)
         except ApiError as e:
-            if known or e.code in ("npc_not_ready", "checkpoint_corrupt", "store_unavailable"):
+            if known or e.code in ("npc_not_ready", "checkpoint_corrupt", "checkpoint_unavailable", "store_unavailable",
+                                   "base_model_missing"):
                 # unknown ids get no label: they would be unbounded
                 metrics.REQUESTS.labels(npc=metrics.npc_label(req.model), status="rejected").inc()
             raise
