@@ -41,7 +41,7 @@ test-system-deps:
 
 test: setup test-system-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -156,6 +156,9 @@ class KeepAliveMixin(BaseModel):
 
 class NpcLoad(KeepAliveMixin):
     model_config = ConfigDict(extra="forbid")
+    wait_s: float | None = Field(
+        None, ge=0, le=3600, description="how long to wait for the load before answering 202 while it goes on "
+                                         "(an engine start takes a minute on a CPU); default NPC_LOAD_WAIT_S")
 
 
 class StreamOptions(BaseModel):

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
                                 "their requests batched together (dense FFN + per-token channel masks)")
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
     mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
+    load_wait_s: float = Field(20.0, ge=0, description="longest POST /v1/npcs/{id}/load waits before it answers "
+                                                       "202 and the load goes on in the background")
     keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
     worker_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                                description="where a worker prunes: auto (CUDA when the host has it, bf16; else "

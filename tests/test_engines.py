@@ -132,7 +132,10 @@ def test_concurrent_chats_to_two_npcs_all_complete(server, npc_a, npc_b):
 def test_load_unload_and_engine_death(server, npc_a, npc_b):
     import psutil
 
-    r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", timeout=300)
+    # a load that outlasts wait_s answers 202 and goes on; asking again waits for that same load
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", json={"wait_s": 0}, timeout=60)
+    assert r.status_code == 202 and r.json()["loaded"] is False, r.text
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", json={"wait_s": 300}, timeout=300)
     assert r.status_code == 200 and r.json()["loaded"] is True
     engines = httpx.get(server.url + "/v1/engines").json()["data"]
     assert [e["npc"] for e in engines] == [npc_b["id"]]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, models_dir):
     # no worker: fuzzed creations only queue jobs instead of pruning hundreds of NPCs
-    srv = Server(tmp_path_factory.mktemp("fuzz"), models_dir, {"NPC_PREWARM": "false"},
+    srv = Server(tmp_path_factory.mktemp("fuzz"), models_dir, {"NPC_PREWARM": "false", "NPC_LOAD_WAIT_S": "5"},
                  args=["--workers", "0"]).start()
     yield srv
     srv.stop()

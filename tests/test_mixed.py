@@ -117,7 +117,7 @@ def test_mixed_output_equals_a_fresh_engine_of_the_checkpoint(mixed, which):
 
 def test_residency_pin_keep_alive_and_unload(mixed):
     srv, ids = mixed
-    r = httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/load", json={"keep_alive": -1}, timeout=300)
+    r = httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/load", json={"keep_alive": -1, "wait_s": 300}, timeout=300)
     assert r.status_code == 200 and r.json()["keep_alive"] == -1
     npcs = {n["npc"]: n for n in _engines(srv)[0]["npcs"]}
     assert npcs[ids["a"]]["pinned"] is True and npcs[ids["a"]]["expires_at"] is None

@@ -60,7 +60,8 @@ def _chat(srv, npc: str, **extra) -> httpx.Response:
 
 
 def _load(srv, npc: str, keep_alive) -> httpx.Response:
-    return httpx.post(f"{srv.url}/v1/npcs/{npc}/load", json={"keep_alive": keep_alive}, timeout=300)
+    return httpx.post(f"{srv.url}/v1/npcs/{npc}/load", json={"keep_alive": keep_alive, "wait_s": 300},
+                      timeout=300)
 
 
 def test_two_slots_hold_two_npcs(slotted):

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -211,10 +211,15 @@ async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key
 
 
 @router.post("/{npc_id}/load")
-async def load_npc(npc_id: str, body: NpcLoad | None = None, who=Depends(deps.require_key),
+async def load_npc(npc_id: str, response: Response, body: NpcLoad | None = None, who=Depends(deps.require_key),
                    chat=Depends(deps.chat)) -> dict:
-    """Preload: start or swap an engine to this NPC now; `keep_alive` sets its residency (-1: pin)."""
-    return await chat.load(npc_id, who, body.keep_alive if body else None)
+    """Preload: start or swap an engine to this NPC now; `keep_alive` sets its residency (-1: pin).
+    Answers 202 with `loaded: false` when the load outlasts `wait_s`; it goes on, and asking again waits
+    for the same load."""
+    out = await chat.load(npc_id, who, body.keep_alive if body else None, body.wait_s if body else None)
+    if not out["loaded"]:
+        response.status_code = 202
+    return out
 
 
 @router.post("/{npc_id}/unload")

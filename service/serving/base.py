@@ -73,6 +73,7 @@ class Serving:
     def __init__(self, store: NpcStore, pool: EnginePool, settings, ckpts: CheckpointStore | None = None):
         self.store, self.pool, self.settings, self.ckpts = store, pool, settings, ckpts
         self._pins_loaded: set[str] = set()
+        self._loading: dict[str, asyncio.Future] = {}
 
     def build_prompts(self, rec: dict, req, tok) -> list[list[int]]:
         raise NotImplementedError
@@ -151,15 +152,33 @@ class Serving:
         if keep_alive is not None and rec.get("keep_alive") != keep_alive:
             await self.store.update(rec["id"], keep_alive=keep_alive)
 
-    async def load(self, npc_id: str, who=None, keep_alive: float | None = None) -> dict:
-        """Put this NPC's weights into an engine now, so its next chat does not wait for it."""
+    async def load(self, npc_id: str, who=None, keep_alive: float | None = None,
+                   wait_s: float | None = None) -> dict:
+        """Put this NPC's weights into an engine now, so its next chat does not wait for it. Waits at
+        most `wait_s`; then `loaded` is false and the load goes on (one per NPC, however often asked)."""
         rec, _, w = await self.resolve(npc_id, who)
         await self._remember_keep_alive(rec, keep_alive)
         t0 = time.time()
+        task = self._loading.get(npc_id)
+        if task is None or task.done():
+            task = self._loading[npc_id] = asyncio.ensure_future(self._load(w, keep_alive))
+            task.add_done_callback(lambda t: self._loaded(npc_id, t))
+        wait = self.settings.load_wait_s if wait_s is None else wait_s
+        done, _ = await asyncio.wait({task}, timeout=wait)
+        if task in done:
+            task.result()  # an ApiError of the load is the answer
+        return {"id": npc_id, "object": "npc.load", "loaded": task in done, "seconds": round(time.time() - t0, 3),
+                "keep_alive": self.pool.residency.of(npc_id)}
+
+    def _loaded(self, npc_id: str, task: asyncio.Future) -> None:
+        if self._loading.get(npc_id) is task:
+            del self._loading[npc_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: a load nobody waits for any more fails quietly
+
+    async def _load(self, w: NpcWeights, keep_alive: float | None) -> None:
         async with self.pool.serving(w, keep_alive):
             pass
-        return {"id": npc_id, "object": "npc.load", "loaded": True, "seconds": round(time.time() - t0, 3),
-                "keep_alive": self.pool.residency.of(npc_id)}
 
     async def prewarm(self, rec: dict) -> bool:
         """Start engines for this ready NPC's shape (and load it if pinned); True when nothing more
