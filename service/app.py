@@ -13,13 +13,15 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from service import errors, metrics, redis_embedded
-from service.api import admin, health, npcs, openai
+from service.api import admin, health, npcs, openai, sessions
 from service.engines.pool import EnginePool
 from service.jobs.queue import SERIALIZERS
 from service.npcs.checkpoints import from_settings as checkpoint_store
 from service.npcs.records import NpcStore
+from service.npcs.sessions import SessionStore
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
+from service.serving.session import SessionServing
 from service.settings import Settings, get_settings
 
 MAX_BODY_BYTES = 1 << 20
@@ -120,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ckpts = checkpoint_store(settings)
         app.state.chat = ChatServing(app.state.store, app.state.engines, settings, app.state.ckpts)
         app.state.completions = CompletionServing(app.state.store, app.state.engines, settings, app.state.ckpts)
+        app.state.sessions = SessionStore(app.state.redis)
+        app.state.session_serving = SessionServing(app.state.chat, app.state.sessions)
         app.state.engines.start_reaper()
         warm = asyncio.create_task(_prewarm_loop(app)) if settings.prewarm else None
         try:
@@ -144,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(npcs.router)
+    app.include_router(sessions.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,10 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
     msg = err.get("msg", "invalid value")
+    if param is None:  # a check across fields names the field it is about in backticks
+        named = re.search(r"`([A-Za-z_]+)`", msg)
+        param = named.group(1) if named else None
+        return msg.removeprefix("Value error, "), param
     return (f"{param}: {msg}" if param else msg), param
 
 

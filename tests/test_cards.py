@@ -58,3 +58,87 @@ def test_truncated_and_cardless_pngs_are_400():
         with pytest.raises(ApiError) as e:
             parse_card(png)
         assert e.value.status == 400
+
+
+# -- whole cards on the real server ------------------------------------------------
+
+SHARED_CARDS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared/data/cards"
+
+
+@pytest.fixture(scope="module")
+def seraphina(server):
+    import httpx
+
+    card = json.loads((SHARED_CARDS / "seraphina.st_default.v2.json").read_text())
+    card["data"]["alternate_greetings"] = ["*{{char}} waves from the glade.* Welcome back, {{user}}."]
+    card["data"]["post_history_instructions"] = "Answer as {{char}}, in two sentences at most."
+    card["data"]["mes_example"] = "<START>\n{{user}}: Who are you?\n{{char}}: I guard these woods, traveller."
+    card["data"]["nickname"] = "Sera"
+    card["data"]["character_book"]["scan_depth"] = 1  # the greeting (which names the forest) is not scanned
+    r = httpx.post(server.url + "/v1/npcs", json={"card": card, "sparsity": 0}, timeout=30)
+    assert r.status_code == 202, r.text
+    return card, r.json()
+
+
+def _preview(server, npc_id, messages, **params):
+    import httpx
+
+    r = httpx.get(f"{server.url}/v1/npcs/{npc_id}/prompt", params={"messages": json.dumps(messages), **params},
+                  timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.slow
+def test_lore_reaches_the_prompt_only_when_keyed(server, seraphina, oai):
+    card, npc = seraphina
+    plain = [{"role": "user", "content": "Good morning. How did you sleep?"}]
+    keyed = [{"role": "user", "content": "Tell me about the beasts that roam here."}]
+    p0, p1 = _preview(server, npc["id"], plain), _preview(server, npc["id"], keyed)
+    shadowfang = card["data"]["character_book"]["entries"][1]["content"][-60:]
+    assert p0["lore"] == [] and shadowfang not in p0["prompt"]
+    assert p1["lore"] == ["1"] and shadowfang in p1["prompt"]
+    # the card's other parts: nickname for {{char}}, example dialogue, post-history instructions last
+    assert "I guard these woods, traveller." in p0["prompt"]
+    assert p0["messages"][-1] == {"role": "system", "content": "Answer as Sera, in two sentences at most."}
+    assert p0["messages"][1] == {"role": "assistant", "content": npc["greeting"]}
+    alt = _preview(server, npc["id"], plain, greeting_index=1)
+    assert alt["messages"][1]["content"] == "*Sera waves from the glade.* Welcome back, User."
+
+    used = [oai.chat.completions.create(model=npc["id"], messages=m, max_tokens=2, temperature=0).usage
+            for m in (plain, keyed)]
+    assert used[0].prompt_tokens == p0["prompt_tokens"] and used[1].prompt_tokens == p1["prompt_tokens"]
+    assert used[1].prompt_tokens > used[0].prompt_tokens + 50
+
+    import httpx
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": npc["id"], "messages": plain, "max_tokens": 2, "greeting_index": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "greeting_index"
+
+
+@pytest.mark.slow
+def test_card_exports_back_as_v2_json_and_png(server, seraphina):
+    import httpx
+
+    card, npc = seraphina
+    r = httpx.get(f"{server.url}/v1/npcs/{npc['id']}/card", timeout=30)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["spec"] == "chara_card_v2" and out["data"]["name"] == npc["name"]
+    for k in ("description", "first_mes", "character_book", "alternate_greetings", "mes_example",
+              "post_history_instructions", "nickname", "tags"):
+        assert out["data"][k] == card["data"][k], k
+    assert out["data"]["extensions"]["npc_pruner"]["id"] == npc["id"]
+
+    png = httpx.get(f"{server.url}/v1/npcs/{npc['id']}/card", headers={"Accept": "image/png"}, timeout=30)
+    assert png.headers["content-type"] == "image/png" and png.content[:8] == PNG_MAGIC
+    assert parse_card(png.content)["character_book"] == card["data"]["character_book"]
+
+    # and it imports again as the same character
+    again = httpx.post(server.url + "/v1/npcs", files={"card": ("s.png", png.content, "image/png")},
+                       data={"sparsity": "0"}, timeout=30)
+    assert again.status_code == 202, again.text
+    assert again.json()["persona"] == npc["persona"]
+    persona_only = server.create_npc("Plain Pete", "A grumpy ferryman who hates rain.", sparsity=0)
+    plain = httpx.get(f"{server.url}/v1/npcs/{persona_only['id']}/card", timeout=30).json()
+    assert plain["data"]["description"] == "A grumpy ferryman who hates rain." and plain["data"]["name"] == "Plain Pete"

@@ -44,7 +44,7 @@ def _fresh_engine_output(rec: dict, question: str, top_logprobs: int = 0, trace:
 
     tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
     req = ChatCompletionRequest(model=rec["id"], messages=[{"role": "user", "content": LONG + question}])
-    ids = ChatServing(None, None, None).build_prompt(rec, req, tok)
+    ids = ChatServing.assembled(rec, req, tok).ids
     script = textwrap.dedent(f"""
         import json
         from vllm import LLM, SamplingParams

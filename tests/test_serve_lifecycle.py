@@ -1,4 +1,4 @@
-"""`npc serve` as a whole: state survives a restart; SIGTERM leaves no process behind."""
+"""`npc serve` as a whole: state (NPCs, sessions) survives a restart; SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def test_restart_keeps_npcs_and_stops_cleanly(tmp_path, models_dir):
         srv.wait_ready(rec["id"])
         post_to_ready = time.time() - t0
         before = _chat(srv, rec["id"])
+        sessions = f"{srv.url}/v1/npcs/{rec['id']}/sessions"
+        sid = httpx.post(sessions, json={"user": "Tom"}, timeout=30).json()["id"]
+        said = httpx.post(f"{sessions}/{sid}/messages", json={"content": "Hello!", "max_tokens": 6},
+                          timeout=300).json()["message"]
         workers = httpx.get(srv.url + "/v1/workers").json()["data"]
         assert len(workers) == 1 and workers[0]["device"] == "cpu"
     finally:
@@ -53,6 +57,13 @@ def test_restart_keeps_npcs_and_stops_cleanly(tmp_path, models_dir):
         listed = httpx.get(again.url + "/v1/npcs").json()["data"]
         assert [n["id"] for n in listed] == [rec["id"]] and listed[0]["status"] == "ready"
         assert _chat(again, rec["id"]) == before
+        kept = httpx.get(f"{again.url}/v1/npcs/{rec['id']}/sessions/{sid}", timeout=30).json()
+        assert [(m["role"], m["content"]) for m in kept["messages"]] == [("user", "Hello!"),
+                                                                         ("assistant", said["content"])]
+        assert kept["user"] == "Tom"
+        r = httpx.post(f"{again.url}/v1/npcs/{rec['id']}/sessions/{sid}/messages", json={"content": "Again.", "max_tokens": 6},
+                       timeout=300)
+        assert r.status_code == 200, r.text
     finally:
         _stop_and_check_no_orphans(again)
     print(f"POST->ready {post_to_ready:.1f}s")

@@ -47,6 +47,14 @@ def chat(request: Request):
     return request.app.state.chat
 
 
+def sessions(request: Request):
+    return request.app.state.sessions
+
+
+def session_serving(request: Request):
+    return request.app.state.session_serving
+
+
 def completions(request: Request):
     return request.app.state.completions
 

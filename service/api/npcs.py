@@ -21,10 +21,10 @@ from pruning.options import DATA_METHODS
 from service.api import deps
 from service.errors import ApiError
 from service.jobs.queue import enqueue_prune
-from service.npcs.cards import card_to_npc, parse_card
+from service.npcs.cards import card_png, card_to_npc, npc_to_card, parse_card
 from service.npcs.persona import system_prompt
 from service.npcs.records import new_id, serving_of
-from service.protocol import NAME_PATTERN, Npc, NpcCreate, NpcList, NpcLoad
+from service.protocol import NAME_PATTERN, ChatCompletionRequest, Npc, NpcCreate, NpcList, NpcLoad
 
 router = APIRouter(prefix="/v1/npcs", tags=["npcs"])
 TERMINAL = ("ready", "failed", "cancelled")
@@ -157,9 +157,9 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
            "keep_alive": req.keep_alive}
     if req.sparsity == 0:  # prompt-only: the dense base with the persona prompt, nothing to prune
         rec = await store.create({**rec, "method": "prompt", "options": {}, "status": "ready", "stage": "ready",
-                                  "progress": 1.0, "ready_at": time.time()})
+                                  "progress": 1.0, "ready_at": time.time()}, card=card)
         return public(rec, settings.instant_npcs)
-    rec = await store.create(rec)
+    rec = await store.create(rec, card=card)
     await enqueue_prune(queue, npc_id)
     return public(rec, settings.instant_npcs)
 
@@ -210,6 +210,37 @@ async def npc_events(npc_id: str, request: Request, who=Depends(deps.require_key
     return EventSourceResponse(events(), ping=15)
 
 
+@router.get("/{npc_id}/card", responses={200: {"content": {"image/png": {}}}})
+async def export_card(npc_id: str, request: Request, who=Depends(deps.require_key), store=Depends(deps.store)):
+    """The NPC as a Character Card V2: JSON, or a PNG card with `Accept: image/png`."""
+    rec = await owned(store, npc_id, who)
+    card = npc_to_card(rec, await store.card(rec))
+    if "image/png" in request.headers.get("accept", ""):
+        return Response(await asyncio.to_thread(card_png, card), media_type="image/png",
+                        headers={"Content-Disposition": f'attachment; filename="{npc_id}.png"'})
+    return card
+
+
+@router.get("/{npc_id}/prompt")
+async def preview_prompt(npc_id: str, who=Depends(deps.require_key), chat=Depends(deps.chat),
+                         messages: str = Query("[]", description='the chat so far, a JSON array of '
+                                               '{"role", "content"} (as in a chat completion)'),
+                         greeting_index: int | None = Query(None, ge=0)) -> dict:
+    """The prompt a chat completion with these messages would run: its text, its token count and the
+    lorebook entries it brings in. Nothing is generated."""
+    try:
+        msgs = json.loads(messages)
+        req = ChatCompletionRequest(model=npc_id, messages=msgs or [{"role": "user", "content": ""}],
+                                    greeting_index=greeting_index)
+    except json.JSONDecodeError:
+        raise ApiError(400, "`messages` must be a JSON array of chat messages", param="messages") from None
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
+    if not msgs:
+        req.messages = []
+    return await chat.preview(req, who)
+
+
 @router.post("/{npc_id}/load")
 async def load_npc(npc_id: str, response: Response, body: NpcLoad | None = None, who=Depends(deps.require_key),
                    chat=Depends(deps.chat)) -> dict:
@@ -245,6 +276,7 @@ async def delete_npc(npc_id: str, request: Request, who=Depends(deps.require_key
         if cancelled is not None:
             return {"id": npc_id, "object": "npc", "deleted": False, "status": "cancelled"}
     await store.delete(npc_id)
+    await request.app.state.sessions.delete_of_npc(npc_id)
     shutil.rmtree(Path(settings.npcs_dir) / npc_id, ignore_errors=True)
     if rec.get("checkpoint"):
         await asyncio.to_thread(request.app.state.ckpts.delete, rec["checkpoint"])

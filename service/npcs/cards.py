@@ -117,12 +117,13 @@ def substitute(text: str, char: str, user: str = "User") -> str:
 def card_to_npc(card: dict, max_chars: int) -> dict:
     """Persona (description + personality + scenario), system prompt and greeting of a card."""
     name = _text(card.get("name"))[:64]
+    char = _text(card.get("nickname")) or name  # {{char}}: the V3 nickname when there is one
     parts = [_text(card.get("description"))]
     if _text(card.get("personality")):
         parts.append(f"Personality: {_text(card.get('personality'))}")
     if _text(card.get("scenario")):
         parts.append(f"Scenario: {_text(card.get('scenario'))}")
-    persona = substitute("\n\n".join(p for p in parts if p), name)
+    persona = substitute("\n\n".join(p for p in parts if p), char)
     if not persona.strip():
         raise _fail("has no description, personality or scenario to build a persona from")
     truncated = len(persona) > max_chars
@@ -133,6 +134,45 @@ def card_to_npc(card: dict, max_chars: int) -> dict:
         "name": name,
         "persona": persona.strip(),
         "persona_truncated": truncated,
-        "card_system_prompt": substitute(_text(card.get("system_prompt")), name) or None,
-        "greeting": substitute(_text(card.get("first_mes")), name) or None,
+        "card_system_prompt": substitute(_text(card.get("system_prompt")), char) or None,
+        "greeting": substitute(_text(card.get("first_mes")), char) or None,
     }
+
+
+_V2_TEXT = ("description", "personality", "scenario", "first_mes", "mes_example", "creator_notes", "system_prompt",
+            "post_history_instructions", "creator", "character_version")
+
+
+def npc_to_card(rec: dict, card: dict | None) -> dict:
+    """A Character Card V2 of this NPC: the card it came from (every field kept, V3 ones too), or
+    one made of its persona."""
+    card = dict(card or {})
+    data = {k: card.get(k) if isinstance(card.get(k), str) else "" for k in _V2_TEXT}
+    if not card:
+        data.update(description=rec["persona"], first_mes=rec.get("greeting") or "",
+                    system_prompt=rec.get("card_system_prompt") or "")
+    data.update({k: v for k, v in card.items() if k not in data and k not in ("spec", "spec_version")})
+    data["name"] = rec["name"]
+    data["tags"] = card.get("tags") if isinstance(card.get("tags"), list) else []
+    data["alternate_greetings"] = (card.get("alternate_greetings")
+                                   if isinstance(card.get("alternate_greetings"), list) else [])
+    ext = card.get("extensions") if isinstance(card.get("extensions"), dict) else {}
+    data["extensions"] = {**ext, "npc_pruner": {"id": rec["id"], "sparsity": rec.get("sparsity"),
+                                                "method": rec.get("method")}}
+    if not isinstance(data.get("character_book"), dict):
+        data.pop("character_book", None)
+    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
+
+
+def card_png(card: dict) -> bytes:
+    """The card as a PNG with its JSON in a base64 `chara` tEXt chunk (a plain portrait-sized image)."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("chara", base64.b64encode(json.dumps(card).encode("utf-8")).decode("ascii"))
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 384), (52, 58, 74)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()

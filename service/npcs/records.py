@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 REC = "npc:rec:{}"
+CARD = "npc:card:{}"  # the character card an NPC was made from: read by its chats, not by listings
 INDEX = "npc:index"
 READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
@@ -36,12 +37,14 @@ class NpcStore:
     def __init__(self, redis: Redis):
         self.r = redis
 
-    async def create(self, rec: dict) -> dict:
+    async def create(self, rec: dict, card: dict | None = None) -> dict:
         now = time.time()
         rec = {"created": now, "updated": now, "status": "queued", "progress": 0.0, "stage": "queued",
-               "error": None, **rec}
+               "error": None, **rec, "has_card": card is not None}
         await self._ensure_counts()
         async with self.r.pipeline(transaction=True) as p:
+            if card is not None:
+                p.set(CARD.format(rec["id"]), json.dumps(card))
             p.set(REC.format(rec["id"]), json.dumps(rec))
             p.zadd(INDEX, {rec["id"]: now})
             p.hincrby(COUNTS, rec["status"], 1)
@@ -92,7 +95,7 @@ class NpcStore:
                     await p.watch(key)
                     raw = await p.get(key)
                     p.multi()
-                    p.delete(key)
+                    p.delete(key, CARD.format(npc_id))
                     p.zrem(INDEX, npc_id)
                     p.zrem(READY, npc_id)
                     if raw is not None:
@@ -101,6 +104,13 @@ class NpcStore:
                     return bool(n)
                 except WatchError:
                     continue
+
+    async def card(self, rec: dict) -> dict | None:
+        """The card this NPC was made from (its V2/V3 `data` fields), if it was."""
+        if not rec.get("has_card"):
+            return None
+        raw = await self.r.get(CARD.format(rec["id"]))
+        return json.loads(raw) if raw else None
 
     async def _records(self, ids) -> list[dict]:
         """The records of these ids that still exist, in order (MGET in batches)."""

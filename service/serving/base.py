@@ -99,6 +99,7 @@ class Serving:
         else:
             ck = await self._open_checkpoint(model, rec["checkpoint"])
         rec["serving"] = mode
+        rec["card"] = await self.store.card(rec)
         return rec, ck, npc_weights(model, ck)
 
     async def _open_base(self, model: str, base: str) -> OpenedCheckpoint:
@@ -220,6 +221,9 @@ class Serving:
         except asyncio.CancelledError:  # the client went away: the engine aborts the requests
             metrics.REQUESTS.labels(npc=label, status="cancelled").inc()
             raise
+        except ValueError as e:  # vLLM's own check of the request (a grammar it cannot build, say)
+            metrics.REQUESTS.labels(npc=label, status="rejected").inc()
+            raise ApiError(400, f"the engine refused this request: {e}", code="invalid_value") from e
         except Exception as e:
             metrics.REQUESTS.labels(npc=label, status="error").inc()
             raise ApiError(503, f"generation failed: {type(e).__name__}: {e}", code="engine_error") from e

@@ -5,13 +5,13 @@ from __future__ import annotations
 import secrets
 import time
 
-from pruning.chat import chat_ids
 from service import metrics
 from service.errors import ApiError
-from service.npcs.persona import system_prompt_of
+from service.npcs.prompt import assemble
 from service.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                               ChunkChoice, Usage, chunk_json)
-from service.serving.base import DEFAULT_TEMPERATURE, Serving, finish_reason
+from service.serving import structured
+from service.serving.base import DEFAULT_TEMPERATURE, Serving, finish_reason, tokenizer_of
 
 
 def chat_logprobs(out, tok, n_top: int) -> dict | None:
@@ -31,23 +31,35 @@ def chat_logprobs(out, tok, n_top: int) -> dict | None:
     return {"content": content, "refusal": None}
 
 
+def turn(m) -> dict:
+    """One history message as the chat template sees it: a tool's result is told to the model as a
+    user turn, its own earlier calls as the text it would have written."""
+    if m.role == "tool":
+        return {"role": "user", "content": f"Result of {m.name or m.tool_call_id or 'the call'}: {m.text()}"}
+    if m.role == "assistant" and m.tool_calls:
+        return {"role": "assistant", "content": m.text() + structured.call_text(m.tool_calls)}
+    return {"role": m.role, "content": m.text()}
+
+
 class ChatServing(Serving):
-    def build_prompt(self, rec: dict, req: ChatCompletionRequest, tok) -> list[int]:
-        sys_text = system_prompt_of(rec)
+    @staticmethod
+    def assembled(rec: dict, req: ChatCompletionRequest, tok):
         extra = [m.text() for m in req.messages if m.role in ("system", "developer") and m.text()]
-        if extra:
-            sys_text += "\n\n" + "\n\n".join(extra)
-        msgs = [{"role": "system", "content": sys_text}]
-        turns = [{"role": m.role if m.role != "tool" else "user", "content": m.text()}
-                 for m in req.messages if m.role not in ("system", "developer")]
-        if rec.get("greeting") and (not turns or turns[0]["role"] != "assistant"):
-            # the card's greeting opens the conversation, as it does in a chat front-end
-            msgs.append({"role": "assistant", "content": rec["greeting"]})
-        msgs += turns
-        return chat_ids(tok, msgs)
+        extra.append(structured.tools_prompt(req) or "")
+        turns = [turn(m) for m in req.messages if m.role not in ("system", "developer")]
+        return assemble(rec, rec.get("card"), turns, tok, extra_system=[e for e in extra if e],
+                        greeting_index=req.greeting_index, summary=req._summary)
+
+    async def preview(self, req: ChatCompletionRequest, who=None) -> dict:
+        """The prompt a chat would run, as text and token count, and the lore entries it injects."""
+        rec, ck, _ = await self.resolve(req.model, who)
+        tok = tokenizer_of(ck)
+        a = self.assembled(rec, req, tok)
+        return {"id": rec["id"], "object": "npc.prompt", "prompt": a.text(tok), "prompt_tokens": len(a.ids),
+                "messages": a.messages, "lore": a.lore}
 
     def build_prompts(self, rec: dict, req, tok) -> list[list[int]]:
-        return [self.build_prompt(rec, req, tok)]
+        return [self.assembled(rec, req, tok).ids]
 
     def sampling_params(self, req: ChatCompletionRequest, prompt_len: int, stream: bool):
         from vllm import SamplingParams
@@ -70,6 +82,7 @@ class ChatServing(Serving):
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            structured_outputs=structured.constraint(req),
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -84,9 +97,10 @@ class ChatServing(Serving):
         choices, n_completion = [], 0
         for o in sorted(final.outputs, key=lambda o: o.index):
             n_completion += len(o.token_ids)
+            content, calls, finish = structured.split_calls(req, o.text, finish_reason(o.finish_reason) or "stop")
             choices.append(ChatChoice(
-                index=o.index, message=AssistantMessage(content=o.text),
-                finish_reason=finish_reason(o.finish_reason) or "stop",
+                index=o.index, message=AssistantMessage(content=content, tool_calls=calls),
+                finish_reason=finish,
                 logprobs=chat_logprobs(o, p.tok, req.top_logprobs or 0) if req.logprobs else None))
         self.count_done(label, "ok", n_prompt, n_completion, elapsed)
         metrics.TTFT.labels(npc=label).observe(elapsed)  # not streamed: the first token arrives with the rest
@@ -107,6 +121,19 @@ class ChatServing(Serving):
             return chunk_json(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices,
                                                   system_fingerprint=p.fingerprint, usage=usage), include_usage)
 
+        held = {i: "" for i in range(req.n)} if req.calls_tools() else None
+
+        def with_calls(o, delta: dict, finish: str | None) -> tuple[dict, str | None]:
+            """With tools, an answer is held back whole: only then is it known to be prose or a call."""
+            held[o.index] += o.text
+            if finish is None:
+                return {}, None
+            content, calls, finish = structured.split_calls(req, held[o.index], finish)
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
+            return delta, finish
+
         async def body(t0: float, counted: list[int]):
             last = None
             yield chunk([ChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(req.n)])
@@ -120,11 +147,13 @@ class ChatServing(Serving):
                 choices = []
                 for o in out.outputs:
                     counted[0] += len(o.token_ids)
-                    if not o.text and o.finish_reason is None:
+                    delta, finish = ({"content": o.text} if o.text else {}), finish_reason(o.finish_reason)
+                    if held is not None:
+                        delta, finish = with_calls(o, delta, finish)
+                    if not delta and finish is None:
                         continue
                     choices.append(ChunkChoice(
-                        index=o.index, delta={"content": o.text} if o.text else {},
-                        finish_reason=finish_reason(o.finish_reason),
+                        index=o.index, delta=delta, finish_reason=finish,
                         logprobs=chat_logprobs(o, p.tok, req.top_logprobs or 0) if req.logprobs else None))
                 if choices:
                     yield chunk(choices)
