@@ -31,12 +31,13 @@ model: $(STAMP)
 run: setup
 	$(BIN)/npc serve
 
-# Prometheus (scrape tests) and docker-compose (compose file check) come from Debian.
+# Prometheus (scrape tests), docker-compose (compose file check) and Chromium (the page test) come from Debian.
 test-system-deps:
-	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then \
+	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose >/dev/null; \
-		else echo "note: install prometheus and docker-compose (apt) to run every test"; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				prometheus docker-compose chromium >/dev/null; \
+		else echo "note: install prometheus, docker-compose and chromium (apt) to run every test"; fi; \
 	fi
 
 test: setup test-system-deps

@@ -13,14 +13,16 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from service import errors, metrics, redis_embedded
-from service.api import admin, health, npcs, openai, sessions
+from service.api import admin, health, npcs, openai, page, scenes, sessions
 from service.engines.pool import EnginePool
 from service.jobs.queue import SERIALIZERS
 from service.npcs.checkpoints import from_settings as checkpoint_store
 from service.npcs.records import NpcStore
+from service.npcs.scenes import SceneStore
 from service.npcs.sessions import SessionStore
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
+from service.serving.scene import SceneServing
 from service.serving.session import SessionServing
 from service.settings import Settings, get_settings
 
@@ -124,6 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.completions = CompletionServing(app.state.store, app.state.engines, settings, app.state.ckpts)
         app.state.sessions = SessionStore(app.state.redis)
         app.state.session_serving = SessionServing(app.state.chat, app.state.sessions)
+        app.state.scenes = SceneStore(app.state.redis)
+        app.state.scene_serving = SceneServing(app.state.chat, app.state.scenes, app.state.store)
         app.state.engines.start_reaper()
         warm = asyncio.create_task(_prewarm_loop(app)) if settings.prewarm else None
         try:
@@ -149,6 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(npcs.router)
     app.include_router(sessions.router)
+    app.include_router(scenes.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    page.mount(app)
     return app

@@ -55,6 +55,14 @@ def session_serving(request: Request):
     return request.app.state.session_serving
 
 
+def scenes(request: Request):
+    return request.app.state.scenes
+
+
+def scene_serving(request: Request):
+    return request.app.state.scene_serving
+
+
 def completions(request: Request):
     return request.app.state.completions
 

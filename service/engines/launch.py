@@ -16,6 +16,7 @@ SWAP_WORKER = "service.engines.vllm_ext.swap.NpcSwapWorker"
 
 def engine_args(settings, ckpt: Path, mask: bool = False):
     from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
 
     extra = {}
     if mask:
@@ -26,7 +27,9 @@ def engine_args(settings, ckpt: Path, mask: bool = False):
     return AsyncEngineArgs(**engine_kwargs(
         str(ckpt), max_model_len=settings.max_model_len, kv_cache_bytes=settings.kv_cache_bytes,
         memory_fraction=settings.engine_memory_fraction, dtype=settings.engine_dtype, worker_extension_cls=SWAP_WORKER,
-        **extra))
+        # JSON answers without free whitespace: given the freedom, a small model fills its budget with
+        # newlines between keys (and the per-request switch is not read by vLLM's grammar backends)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True), **extra))
 
 
 def pick_core(settings, used: list[str | None]) -> str | None:

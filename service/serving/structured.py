@@ -53,24 +53,23 @@ def tools_prompt(req: ChatCompletionRequest) -> str | None:
 
 
 def constraint(req: ChatCompletionRequest):
-    """The engine's StructuredOutputsParams for this request, or None for free text."""
+    """The engine's StructuredOutputsParams for this request, or None for free text. (JSON comes without
+    free whitespace: the engines are started so, launch.py.)"""
     from vllm.sampling_params import StructuredOutputsParams
 
-    # no free whitespace inside JSON: a small model can fill its whole budget with newlines
-    lean = {"disable_any_whitespace": True}
     if req.calls_tools():
         if req.tool_choice in (None, "auto"):
             tag = {"type": "structural_tag", "triggers": [CALL_OPEN], "structures": [
                 {"begin": CALL_OPEN, "schema": _call_schema(req), "end": CALL_CLOSE}]}
             return StructuredOutputsParams(structural_tag=json.dumps(tag))
-        return StructuredOutputsParams(json=_call_schema(req), **lean)
+        return StructuredOutputsParams(json=_call_schema(req))
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
     if rf.type == "json_object":
-        return StructuredOutputsParams(json_object=True, **lean)
+        return StructuredOutputsParams(json_object=True)
     return StructuredOutputsParams(json=_checked_schema(rf.json_schema.schema_ or _ANY_OBJECT,
-                                                        "response_format.json_schema.schema"), **lean)
+                                                        "response_format.json_schema.schema"))
 
 
 def _tool_call(obj: dict) -> ToolCall:
