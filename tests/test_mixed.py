@@ -249,3 +249,29 @@ def test_prompt_only_npc_and_instant_npc_switch_to_their_pruned_mask(mixed):
 
 def srv_get(srv, npc_id: str) -> dict:
     return httpx.get(f"{srv.url}/v1/npcs/{npc_id}").json()
+
+
+def test_json_answers_and_a_scene_in_one_mixed_batch(mixed):
+    """Grammar-constrained decoding rides the mask engine too, and a scene's round decodes its NPCs
+    together (one engine, nothing swapped)."""
+    import jsonschema
+
+    srv, ids = mixed
+    schema = {"type": "object", "additionalProperties": False, "required": ["mood", "say"],
+              "properties": {"mood": {"enum": ["calm", "angry"]}, "say": {"type": "string", "maxLength": 30}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "line", "schema": schema}}
+    with cf.ThreadPoolExecutor(3) as ex:
+        rs = list(ex.map(lambda k: _chat(srv, ids[k], "How are you?", response_format=fmt, max_tokens=40,
+                                         temperature=0.8), ids))
+    for r in rs:
+        assert r.status_code == 200, r.text
+        jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+
+    scene = httpx.post(srv.url + "/v1/scenes", json={"npcs": list(ids.values()), "setting": "A market."},
+                       timeout=30).json()["id"]
+    out = httpx.post(f"{srv.url}/v1/scenes/{scene}/turns", json={"auto": 3, "max_tokens": 8, "stream": False},
+                     timeout=300).json()
+    assert sorted(x["speaker"] for x in out["lines"]) == sorted(ids.values())
+    assert all(x["completion_tokens"] > 0 for x in out["lines"])
+    engines = _engines(srv)
+    assert len(engines) == 1 and engines[0]["mode"] == "mixed"

@@ -63,7 +63,8 @@ class SceneServing:
         if msgs[-1]["role"] != "user":
             msgs.append({"role": "user", "content": f"(The scene goes on. What does {me} say?)"})
         return ChatCompletionRequest(model=npc, messages=msgs, max_tokens=body.max_tokens,
-                                     temperature=body.temperature, seed=body.seed, stream=True)
+                                     temperature=body.temperature, seed=body.seed, stream=True,
+                                     stream_options={"include_usage": True})
 
     async def names(self, doc: dict, who) -> dict[str, str]:
         out = {}
@@ -116,48 +117,53 @@ class SceneServing:
             await _release(lock)
 
     async def _round(self, doc, rnd: list[str], names, lines, body, said: dict):
-        """One round: every speaker's stream at once, their deltas as they come; fills `said`."""
+        """One round: every speaker's stream at once, their deltas as they come; fills `said`. Each
+        stream takes its engine lease in its own task: where NPCs cannot share an engine (swap
+        engines), they take turns instead of waiting on each other."""
         base = len(lines)
-        streams = []
-        try:
-            for k, npc in enumerate(rnd):
-                events, release = await self.chat.stream(self.request(doc, npc, names, lines, body), None)
-                streams.append((k, npc, events, release))
-            queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
 
-            async def pump(k, npc, events):
-                try:
-                    async for data in events:
-                        await queue.put((k, npc, data))
-                finally:
-                    await queue.put((k, npc, None))
-
-            tasks = [asyncio.ensure_future(pump(k, npc, ev)) for k, npc, ev, _ in streams]
-            live, parts, finish = len(tasks), {npc: [] for npc in rnd}, {}
+        async def pump(k: int, npc: str):
+            release = None
             try:
-                while live:
-                    k, npc, data = await queue.get()
-                    if data is None:
-                        live -= 1
-                        said[npc] = "".join(parts[npc]).strip()
-                        yield {"event": "line_done", "data": {"index": base + k, "speaker": npc, "name": names[npc],
-                                                              "content": said[npc], "finish_reason": finish.get(npc)}}
-                        continue
-                    if data == "[DONE]":
-                        continue
-                    obj = json.loads(data)
-                    if "error" in obj:
-                        raise ApiError(503, obj["error"]["message"], code="engine_error")
-                    for c in obj.get("choices", []):
-                        piece = (c.get("delta") or {}).get("content") or ""
-                        finish[npc] = c.get("finish_reason") or finish.get(npc)
-                        if piece:
-                            parts[npc].append(piece)
-                            yield {"event": "line", "data": {"index": base + k, "speaker": npc,
-                                                             "name": names[npc], "delta": piece}}
+                events, release = await self.chat.stream(self.request(doc, npc, names, lines, body), None)
+                async for data in events:
+                    await queue.put((k, npc, data))
+            except ApiError as e:
+                await queue.put((k, npc, e))
             finally:
-                for t in tasks:
-                    t.cancel()
+                if release is not None:
+                    await release()
+                await queue.put((k, npc, None))
+
+        tasks = [asyncio.ensure_future(pump(k, npc)) for k, npc in enumerate(rnd)]
+        live, parts, finish, used = len(tasks), {npc: [] for npc in rnd}, {}, {}
+        try:
+            while live:
+                k, npc, data = await queue.get()
+                if isinstance(data, ApiError):
+                    raise data
+                if data is None:
+                    live -= 1
+                    said[npc] = "".join(parts[npc]).strip()
+                    yield {"event": "line_done", "data": {"index": base + k, "speaker": npc, "name": names[npc],
+                                                          "content": said[npc], "finish_reason": finish.get(npc),
+                                                          "completion_tokens": used.get(npc, 0)}}
+                    continue
+                if data == "[DONE]":
+                    continue
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise ApiError(503, obj["error"]["message"], code="engine_error")
+                if obj.get("usage"):
+                    used[npc] = obj["usage"]["completion_tokens"]
+                for c in obj.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") or ""
+                    finish[npc] = c.get("finish_reason") or finish.get(npc)
+                    if piece:
+                        parts[npc].append(piece)
+                        yield {"event": "line", "data": {"index": base + k, "speaker": npc,
+                                                         "name": names[npc], "delta": piece}}
         finally:
-            for *_, release in streams:
-                await release()
+            for t in tasks:
+                t.cancel()
