@@ -31,19 +31,19 @@ def _say(server, npc, sid, content, **kw) -> httpx.Response:
 
 
 def test_a_100_turn_session_never_errors_and_its_memory_is_visible(server, mara):
-    s = _session(server, mara, user="Tom", context_tokens=512)
+    s = _session(server, mara, user="Tom", context_tokens=1024)
     assert s["memory"] == {"summary": None, "folded_messages": 0, "folds": 0}
     prompt_tokens = []
     for i in range(100):
         r = _say(server, mara, s["id"], f"Turn {i}: I am Tom, I owe you {i} coins. Take me across, please.",
-                 seed=i)
+                 seed=i, max_tokens=2)  # the memory is what is tested here, not the replies
         assert r.status_code == 200, (i, r.text)
         prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
-    assert max(prompt_tokens) + 8 <= 512
+    assert max(prompt_tokens) + 2 <= 1024
     got = httpx.get(f"{server.url}/v1/npcs/{mara['id']}/sessions/{s['id']}", timeout=30).json()
     assert len(got["messages"]) == 200  # nothing is dropped: folded turns stay listed
     memory = got["memory"]
-    assert memory["folds"] >= 3 and memory["folded_messages"] >= 150 and memory["summary"].strip()
+    assert memory["folds"] >= 3 and memory["folded_messages"] >= 100 and memory["summary"].strip()
     assert [m["in_memory_only"] for m in got["messages"]].count(True) == memory["folded_messages"]
     assert [m["role"] for m in got["messages"][:2]] == ["user", "assistant"]  # a persona with no greeting
     print(f"\nmemory after 100 turns ({memory['folds']} folds): {memory['summary']!r}")

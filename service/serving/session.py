@@ -16,7 +16,7 @@ from service.serving.base import Prepared, npc_weights, tokenizer_of
 from service.serving.chat import ChatServing
 
 KEEP_TURNS = 4  # the latest messages are never folded: the reply needs them word for word
-SUMMARY_TOKENS = 96
+SUMMARY_TOKENS = 64
 
 
 def _line(m: dict, char: str, user: str) -> str:
@@ -83,7 +83,7 @@ class SessionServing:
         earlier = f"What happened before: {doc['summary']}\n\n" if doc.get("summary") else ""
         lines = "\n".join(_line(m, char, user) for m in turns)
         msgs = [{"role": "system", "content": "You keep short, factual notes of a conversation."},
-                {"role": "user", "content": f"{earlier}The conversation goes on:\n{lines}\n\nIn at most 60 words, "
+                {"role": "user", "content": f"{earlier}The conversation goes on:\n{lines}\n\nIn at most 40 words, "
                  f"write what {char} must remember from all of this: names, facts, promises, the mood."}]
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
