@@ -422,7 +422,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)  # absent, as OpenAI's
 
 
 class ChatChoice(BaseModel):

@@ -49,9 +49,11 @@ def test_json_object(oai, npc_a):
     assert c.message.content.lstrip().startswith("{")
 
 
-def test_named_and_required_tool_calls(oai, npc_a):
+def test_named_and_required_tool_calls(oai, npc_a, openai_schemas):
     r = oai.chat.completions.create(model=npc_a["id"], messages=ASK, tools=TOOLS, max_tokens=60, temperature=0,
                                     tool_choice={"type": "function", "function": {"name": "open_door"}})
+    jsonschema.Draft202012Validator(openai_schemas["CreateChatCompletionResponse"]).validate(
+        r.model_dump(exclude_unset=True))  # OpenAI's own response schema, tool_calls and all
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
     (call,) = c.message.tool_calls
