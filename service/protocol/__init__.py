@@ -1,0 +1,76 @@
+"""Request and response models of the public API (OpenAI-compatible where it overlaps): the NPC
+resource, the OpenAI routes, sessions and scenes.
+
+Importable without torch: options are checked by `pruning.options`, which needs none.
+"""
+
+from service.protocol.npcs import (
+    MAX_PERSONA_CHARS,
+    NAME_PATTERN,
+    NpcCreate,
+    Npc,
+    NpcList,
+    parse_keep_alive,
+    KeepAliveMixin,
+    NpcLoad,
+)
+from service.protocol.openai import (
+    ChatMessage,
+    StreamOptions,
+    TOOL_NAME,
+    JsonSchemaFormat,
+    ResponseFormat,
+    FunctionDef,
+    Tool,
+    NamedToolChoice,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    FunctionCall,
+    ToolCall,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChunkChoice,
+    ChatCompletionChunk,
+    TextChoice,
+    TextCompletion,
+    chunk_json,
+)
+from service.protocol.game import SessionCreate, SceneCreate, SceneTurn, SessionMessage
+
+__all__ = [
+    "MAX_PERSONA_CHARS",
+    "NAME_PATTERN",
+    "NpcCreate",
+    "Npc",
+    "NpcList",
+    "parse_keep_alive",
+    "KeepAliveMixin",
+    "NpcLoad",
+    "ChatMessage",
+    "StreamOptions",
+    "TOOL_NAME",
+    "JsonSchemaFormat",
+    "ResponseFormat",
+    "FunctionDef",
+    "Tool",
+    "NamedToolChoice",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "Usage",
+    "FunctionCall",
+    "ToolCall",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatCompletion",
+    "ChunkChoice",
+    "ChatCompletionChunk",
+    "TextChoice",
+    "TextCompletion",
+    "chunk_json",
+    "SessionCreate",
+    "SceneCreate",
+    "SceneTurn",
+    "SessionMessage",
+]
