@@ -132,9 +132,6 @@ def test_concurrent_chats_to_two_npcs_all_complete(server, npc_a, npc_b):
 def test_load_unload_and_engine_death(server, npc_a, npc_b):
     import psutil
 
-    # a load that outlasts wait_s answers 202 and goes on; asking again waits for that same load
-    r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", json={"wait_s": 0}, timeout=60)
-    assert r.status_code == 202 and r.json()["loaded"] is False, r.text
     r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", json={"wait_s": 300}, timeout=300)
     assert r.status_code == 200 and r.json()["loaded"] is True
     engines = httpx.get(server.url + "/v1/engines").json()["data"]
@@ -159,4 +156,12 @@ def test_load_unload_and_engine_death(server, npc_a, npc_b):
     assert r.status_code == 200 and r.json()["unloaded"] is True
     assert httpx.get(server.url + "/v1/engines").json()["data"] == []
     assert httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/unload").json()["unloaded"] is False
+
+    # with no engine, a load must start one: past wait_s it answers 202 and goes on, and asking
+    # again waits for that same load (one engine)
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/load", json={"wait_s": 0}, timeout=60)
+    assert r.status_code == 202 and r.json()["loaded"] is False, r.text
+    r = httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/load", json={"wait_s": 300}, timeout=300)
+    assert r.status_code == 200 and r.json()["loaded"] is True
+    assert [e["npc"] for e in httpx.get(server.url + "/v1/engines").json()["data"]] == [npc_a["id"]]
     assert httpx.post(f"{server.url}/v1/npcs/npc-nope/load").status_code == 404
