@@ -78,7 +78,7 @@ def test_swaps_are_exact(server, npc_a, npc_b):
     assert a1 == a2 == a3
     assert b1 == b2
     assert a1 != b1  # different channels kept: the swap really changed the weights
-    engines = httpx.get(server.url + "/v1/engines").json()["data"]
+    engines = _engines_of(server, npc_a, npc_b)
     assert len(engines) == 1  # both NPCs share one engine (same shape)
     # swapped from the compact form: kept indices over the worker's mmapped base, no NPC file read
     assert engines[0]["last_swap"]["mode"] == "compact", engines
@@ -103,12 +103,19 @@ def test_checkpoint_without_compact_form_swaps_the_same(server, npc_a, npc_b):
         manifest.write_text(json.dumps(m))
         assert _chat(server, npc_a["id"], q) == a_before
         b_dir = _chat(server, npc_b["id"], q)
-        assert httpx.get(server.url + "/v1/engines").json()["data"][0]["last_swap"]["mode"] == "checkpoint"
+        assert _engines_of(server, npc_a, npc_b)[0]["last_swap"]["mode"] == "checkpoint"
         a_after = _chat(server, npc_a["id"], q)  # back to compact: the base's other weights restored
     finally:
         manifest.write_text(original)
     assert b_dir == b_compact
     assert a_after == a_before
+
+
+def _engines_of(server, *npcs: dict) -> list[dict]:
+    """The shared server's engines that hold these NPCs (other test files' prompt-only NPCs may
+    have a dense-base engine of their own running beside them)."""
+    ids = {n["id"] for n in npcs}
+    return [e for e in httpx.get(server.url + "/v1/engines").json()["data"] if e["npc"] in ids]
 
 
 def _checkpoint(server, npc: dict) -> str:
@@ -134,7 +141,7 @@ def test_load_unload_and_engine_death(server, npc_a, npc_b):
 
     r = httpx.post(f"{server.url}/v1/npcs/{npc_b['id']}/load", json={"wait_s": 300}, timeout=300)
     assert r.status_code == 200 and r.json()["loaded"] is True
-    engines = httpx.get(server.url + "/v1/engines").json()["data"]
+    engines = _engines_of(server, npc_a, npc_b)
     assert [e["npc"] for e in engines] == [npc_b["id"]]
 
     # kill the engine's core process: requests get a clear error or a restarted engine, never a hang
@@ -154,7 +161,7 @@ def test_load_unload_and_engine_death(server, npc_a, npc_b):
 
     r = httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/unload", timeout=60)
     assert r.status_code == 200 and r.json()["unloaded"] is True
-    assert httpx.get(server.url + "/v1/engines").json()["data"] == []
+    assert _engines_of(server, npc_a, npc_b) == []
     assert httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/unload").json()["unloaded"] is False
 
     # with no engine, a load must start one: past wait_s it answers 202 and goes on, and asking
@@ -163,5 +170,5 @@ def test_load_unload_and_engine_death(server, npc_a, npc_b):
     assert r.status_code == 202 and r.json()["loaded"] is False, r.text
     r = httpx.post(f"{server.url}/v1/npcs/{npc_a['id']}/load", json={"wait_s": 300}, timeout=300)
     assert r.status_code == 200 and r.json()["loaded"] is True
-    assert [e["npc"] for e in httpx.get(server.url + "/v1/engines").json()["data"]] == [npc_a["id"]]
+    assert [e["npc"] for e in _engines_of(server, npc_a, npc_b)] == [npc_a["id"]]
     assert httpx.post(f"{server.url}/v1/npcs/npc-nope/load").status_code == 404

@@ -62,7 +62,11 @@ class EnginePool:
             return True  # counted, not re-checked: an explicit unload is not undone behind the user's back
         if key in self._starting:
             return False
-        if len(self.slots.get(key, [])) >= self.settings.engine_slots or self.n_engines() >= self.settings.max_engines:
+        if len(self.slots.get(key, [])) >= self.settings.engine_slots:
+            # started by requests already: settled, so a later explicit unload is not undone either
+            self._prewarmed[key] = self.settings.engine_slots
+            return True
+        if self.n_engines() >= self.settings.max_engines:
             return False
         self._prewarmed[key] = n + 1
         # only the first engine of a shape holds the NPC it started with; later ones start free
