@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 
-from redis.asyncio import Redis
+from service.npcs.threads import ThreadStore
 
 SESSION = "npc:session:{}"
 MESSAGES = "npc:session:{}:messages"
@@ -19,9 +19,8 @@ def new_session_id() -> str:
     return "sess-" + secrets.token_hex(8)
 
 
-class SessionStore:
-    def __init__(self, redis: Redis):
-        self.r = redis
+class SessionStore(ThreadStore):
+    DOC, LINES, LOCK = SESSION, MESSAGES, LOCK
 
     async def create(self, npc_id: str, owner: str, user: str, greeting_index: int | None,
                      context_tokens: int | None, opening: str | None) -> dict:
@@ -38,30 +37,14 @@ class SessionStore:
             await p.execute()
         return doc
 
-    async def get(self, sid: str) -> dict | None:
-        raw = await self.r.get(SESSION.format(sid))
-        return json.loads(raw) if raw else None
-
     async def messages(self, sid: str) -> list[dict]:
-        return [json.loads(m) for m in await self.r.lrange(MESSAGES.format(sid), 0, -1)]
+        return await self._lines(sid)
 
     async def append(self, sid: str, *msgs: dict, **fields) -> dict:
-        """Add messages and update the document in one transaction."""
-        doc = await self.get(sid)
-        doc = {**doc, **fields, "updated": time.time()}
-        async with self.r.pipeline(transaction=True) as p:
-            if msgs:
-                p.rpush(MESSAGES.format(sid), *(json.dumps({**m, "created": doc["updated"]}) for m in msgs))
-            p.set(SESSION.format(sid), json.dumps(doc))
-            await p.execute()
-        return doc
+        return await self._add(sid, msgs, **fields)
 
     async def update(self, sid: str, **fields) -> dict:
-        return await self.append(sid, **fields)
-
-    def lock(self, sid: str):
-        """One turn at a time per session, across API replicas; a crashed holder's lock expires."""
-        return self.r.lock(LOCK.format(sid), timeout=900, blocking_timeout=900)
+        return await self._add(sid, (), **fields)
 
     async def of_npc(self, npc_id: str) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in await self.r.zrange(OF_NPC.format(npc_id), 0, -1)]

@@ -11,8 +11,8 @@ import re
 
 from service.errors import ApiError
 from service.protocol import ChatCompletionRequest
+from service.npcs.threads import release_lock
 from service.serving.chat import ChatServing
-from service.serving.session import _release
 
 PLAYER = "player"
 
@@ -114,7 +114,7 @@ class SceneServing:
                 lines += new
             yield {"event": "done", "data": {"id": doc["id"], "lines": len(lines)}}
         finally:
-            await _release(lock)
+            await release_lock(lock)
 
     async def _round(self, doc, rnd: list[str], names, lines, body, said: dict):
         """One round: every speaker's stream at once, their deltas as they come; fills `said`. Each

@@ -11,6 +11,7 @@ from pruning.chat import chat_ids
 from service.errors import ApiError
 from service.npcs.prompt import char_name
 from service.npcs.sessions import SessionStore
+from service.npcs.threads import release_lock
 from service.protocol import ChatCompletionRequest
 from service.serving.base import Prepared, npc_weights, tokenizer_of
 from service.serving.chat import ChatServing
@@ -21,15 +22,6 @@ SUMMARY_TOKENS = 64
 
 def _line(m: dict, char: str, user: str) -> str:
     return f"{char if m['role'] == 'assistant' else user}: {m['content']}"
-
-
-async def _release(lock) -> None:
-    from redis.exceptions import LockError
-
-    try:
-        await lock.release()
-    except LockError:  # it expired: a turn outlived the lock's timeout
-        pass
 
 
 class SessionServing:
@@ -118,7 +110,7 @@ class SessionServing:
             doc, req = await self.fit(doc, who, body)
             events, release = await self.chat.stream(req, who)
         except BaseException:
-            await _release(lock)
+            await release_lock(lock)
             raise
 
         async def body_events():
@@ -135,6 +127,6 @@ class SessionServing:
                     await self.sessions.append(doc["id"], {"role": "user", "content": body.content},
                                                {"role": "assistant", "content": "".join(parts)})
             finally:
-                await _release(lock)
+                await release_lock(lock)
 
         return body_events(), release
