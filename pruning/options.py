@@ -4,6 +4,7 @@
     learn_config(opts, seed)   # the mask-learning config of resolved options (values checked)
     check_options(method, o)   # what any method accepts (its data options + LoRA recovery)
     validate_request_options(o)  # the HTTP API's check of a request's options (no server-side keys)
+    job_tokens(o)              # a bound on the work those options ask for (the API caps it)
 
 The persona-pruner options are in `OPTIONS`; the mask learner's are `MaskLearnConfig`'s fields.
 """
@@ -180,6 +181,17 @@ def check_options(method: str, options: dict) -> None:
                                   ("lora_lr", 0, 1, False)):
         if options.get(name) is not None:
             check_number(name, options[name], lo, hi, integer=integer)
+
+
+def job_tokens(options: dict | None) -> int:
+    """A bound on the tokens a create's options make a worker process: the learning (and LoRA)
+    steps over their batches, plus the teacher's answers and their prompts."""
+    opts = dict(options or {})
+    recover = {k: opts.pop(k, RECOVERY_DEFAULTS.get(k)) for k in RECOVERY_OPTIONS}
+    res = resolve_options(opts)
+    cfg = learn_config(res)
+    steps = cfg.steps + cfg.scale_steps + (recover["lora_steps"] if recover["recover"] else 0)
+    return steps * cfg.batch_size * cfg.max_length + res["n_instructions"] * (res["max_new_tokens"] + cfg.max_length)
 
 
 def validate_request_options(options: dict | None) -> None:

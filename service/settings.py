@@ -54,6 +54,14 @@ class Settings(BaseSettings):
                                 "their requests batched together (dense FFN + per-token channel masks)")
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
     mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
+    tenant_max_npcs: int = Field(1000, ge=1, description="NPC records one API key may hold (admin keys: no cap)")
+    tenant_max_jobs: int = Field(4, ge=1, description="NPCs one API key may have queued or being pruned at once "
+                                 "(admin keys: no cap); past it, POST /v1/npcs answers 429")
+    tenant_max_pins: int = Field(2, ge=0, description="NPCs one API key may pin (keep_alive -1; admin keys: no cap)")
+    max_queued_jobs: int = Field(64, ge=1, description="pruning jobs waiting, all keys together, before "
+                                 "POST /v1/npcs answers 429")
+    max_job_tokens: int = Field(20_000_000, ge=1, description="a create's options may ask for at most this many "
+                                "tokens of work (learning steps x batch x length, plus the teacher's answers)")
     load_wait_s: float = Field(20.0, ge=0, description="longest POST /v1/npcs/{id}/load waits before it answers "
                                                        "202 and the load goes on in the background")
     keep_alive: float = Field(300.0, description="seconds an idle NPC keeps its slot; -1: pinned")
@@ -85,6 +93,13 @@ class Settings(BaseSettings):
     @property
     def data(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def max_pins(self) -> int:
+        """Pins the engines can hold and still serve an unpinned NPC: a mixed engine's batch slots
+        minus one; in swap mode a shape's engine slots minus one (at least one pin: with a single
+        slot, the pinned NPC's shape serves only it, which an admin may want)."""
+        return max(1, (self.mixed_batch_npcs if self.mixed_batches else self.engine_slots) - 1)
 
     @property
     def models(self) -> Path:

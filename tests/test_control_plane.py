@@ -170,6 +170,49 @@ def test_idempotency_key(cluster):
         httpx.delete(f"{cluster.api.url}/v1/npcs/{npc_id}", headers=hdr)
 
 
+def test_tenant_caps_answer_429_with_retry_after(cluster):
+    """No worker runs here, so created NPCs stay queued: the 5th job of one key is refused (default
+    NPC_TENANT_MAX_JOBS=4), an admin key is not capped, pins are capped by what the engines can
+    hold, and oversized work is a 400 before anything is written."""
+    url, made = cluster.api.url, []
+
+    def create(hdr, **kw):
+        r = httpx.post(url + "/v1/npcs", headers=hdr, timeout=30,
+                       json={"name": "Capped", "persona": "A terse ferryman.", "sparsity": 0.5, **kw})
+        if r.status_code == 202 or r.status_code == 200:
+            made.append((r.json()["id"], hdr))
+        return r
+
+    try:
+        assert all(create(B).status_code == 202 for _ in range(4))
+        r = create({**B, "Idempotency-Key": "fifth"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "job_limit", r.text
+        assert int(r.headers["retry-after"]) > 0 and "NPC_TENANT_MAX_JOBS" in r.json()["error"]["message"]
+        assert create(A).status_code == 202  # another key has its own jobs
+        assert create(ADMIN).status_code == 202
+        httpx.delete(f"{url}/v1/npcs/{made[0][0]}", headers=B)
+        made.pop(0)
+        r = create({**B, "Idempotency-Key": "fifth"})  # the refused key is not spent: the retry is made
+        assert r.status_code == 202, r.text
+
+        # one engine slot per shape here (NPC_ENGINE_SLOTS=1): one pin in all, whoever asks
+        pinned = create(A, sparsity=0, keep_alive="pin")
+        assert pinned.status_code == 202 and pinned.json()["keep_alive"] == -1, pinned.text
+        for hdr in (A, ADMIN):
+            r = create(hdr, sparsity=0, keep_alive="pin")
+            assert r.status_code == 429 and r.json()["error"]["code"] == "pins_full", r.text
+            assert r.headers["retry-after"]
+        httpx.delete(f"{url}/v1/npcs/{pinned.json()['id']}", headers=A)  # its pin is given back
+        assert create(ADMIN, sparsity=0, keep_alive="pin").status_code == 202
+
+        r = create(A, options={"steps": 5000, "batch_size": 256, "max_length": 8192})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "job_too_large", r.text
+        assert "NPC_MAX_JOB_TOKENS" in r.json()["error"]["message"]
+    finally:
+        for npc_id, hdr in made:
+            httpx.delete(f"{url}/v1/npcs/{npc_id}", headers=hdr)
+
+
 def test_tenants_are_isolated(cluster):
     mine = [n for n in httpx.get(cluster.api.url + "/v1/npcs", headers=A).json()["data"] if n["status"] == "ready"]
     assert mine, "the worker-death test leaves a ready NPC for tenant A"

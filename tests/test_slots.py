@@ -82,19 +82,17 @@ def test_two_slots_hold_two_npcs(slotted):
 def test_pins_and_keep_alive(slotted):
     srv, ids = slotted
     assert _load(srv, ids["a"], -1).json()["keep_alive"] == -1
-    assert _load(srv, ids["b"], "pin").status_code == 200
-    assert all(e["pinned"] and e["expires_at"] is None for e in _engines(srv))
+    r = _load(srv, ids["b"], "pin")  # 2 slots: a second pin would leave no slot for any other NPC
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "pins_full" and r.headers["retry-after"]
+    pinned = {e["npc"]: e["pinned"] for e in _engines(srv)}
+    assert pinned[ids["a"]] is True and not pinned.get(ids["b"])  # the refused pin changed nothing
 
-    r = _chat(srv, ids["c"])  # every slot pinned, no room for a third engine
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["code"] == "slots_pinned" and "pinned" in r.json()["error"]["message"]
-    assert r.headers["retry-after"]
-
-    assert _load(srv, ids["b"], "10m").status_code == 200  # unpinned: its slot can be taken
-    r = _chat(srv, ids["c"], keep_alive=0)
+    assert _load(srv, ids["b"], "10m").status_code == 200
+    r = _chat(srv, ids["c"], keep_alive=0)  # the unpinned slot is taken, then left at once
     assert r.status_code == 200, r.text
     npcs = [e["npc"] for e in _engines(srv)]
-    assert ids["a"] in npcs and ids["c"] not in npcs and ids["b"] not in npcs  # c left right after
+    assert ids["a"] in npcs and ids["c"] not in npcs and ids["b"] not in npcs
 
     assert _load(srv, ids["b"], 1).status_code == 200
     deadline = time.time() + 10
@@ -105,6 +103,11 @@ def test_pins_and_keep_alive(slotted):
 
     assert httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/unload", timeout=60).json()["unloaded"] is True
     assert len(_engines(srv)) == 1
+    r = _load(srv, ids["b"], -1)  # the unload gave a's pin back
+    assert r.status_code == 200 and r.json()["keep_alive"] == -1, r.text
+    assert _load(srv, ids["b"], 0).status_code == 200  # and b's own unpin gives it back again
+    assert _load(srv, ids["a"], -1).status_code == 200
+    assert httpx.post(f"{srv.url}/v1/npcs/{ids['a']}/unload", timeout=60).status_code == 200
 
 
 def test_bad_keep_alive(slotted):

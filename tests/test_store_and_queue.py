@@ -110,3 +110,71 @@ def test_pages_and_the_ready_index(redis_url):
     pages, newly, after_fail, rebuilt = _with_store(redis_url, body)
     assert pages == [["npc-0", "npc-2"], ["npc-4", "npc-6"]]
     assert newly == ["npc-3", "npc-7"] and after_fail == ["npc-7"] and rebuilt == ["npc-7"]
+
+
+def test_tenant_caps_are_atomic_and_counted_per_owner(redis_url):
+    """A tenant's NPCs and jobs, and the queue, are capped in the create's own transaction: 20
+    concurrent creates against a cap of 3 make exactly 3."""
+    from service.npcs.records import COUNTED, TENANT_COUNTS, Caps, LimitReached
+
+    async def body(store, r):
+        caps = Caps(npcs=5, jobs=3, queued=4)
+
+        async def one(i):
+            try:
+                await store.create({"id": f"npc-a{i}", "name": "N", "persona": "p", "owner": "a"}, caps=caps)
+                return f"npc-a{i}"
+            except LimitReached as e:
+                return e.code
+
+        codes = await asyncio.gather(*(one(i) for i in range(20)))
+        # a prompt-only NPC is ready at once: no job, only the NPC cap
+        await store.create({"id": "npc-a-ready", "name": "N", "persona": "p", "owner": "a", "status": "ready"},
+                           caps=caps)
+        made = [c for c in codes if c.startswith("npc-")]
+        await store.update(made[0], status="ready")  # a job done frees a job slot
+        await store.create({"id": "npc-a-next", "name": "N", "persona": "p", "owner": "a"}, caps=caps)
+        with pytest.raises(LimitReached) as npc_cap:  # 5 records: the NPC cap, ready or not
+            await store.create({"id": "npc-a-more", "name": "N", "persona": "p", "owner": "a", "status": "ready"},
+                               caps=caps)
+        await store.create({"id": "npc-b0", "name": "N", "persona": "p", "owner": "b"}, caps=caps)
+        with pytest.raises(LimitReached) as full:  # 4 queued in all: the queue cap holds for b too
+            await store.create({"id": "npc-b1", "name": "N", "persona": "p", "owner": "b"}, caps=caps)
+        await store.delete(made[1])
+        counts = await store.tenant_counts("a")
+        await r.delete(TENANT_COUNTS.format("a"), COUNTED)  # as before tenants were counted
+        return codes, npc_cap.value, full.value, counts, await store.tenant_counts("a")
+
+    codes, npc_cap, full, counts, rebuilt = _with_store(redis_url, body)
+    assert len(set(codes) - {"job_limit"}) == 3 and "job_limit" in codes
+    assert npc_cap.code == "npc_limit" and npc_cap.retry_after is None
+    assert full.code == "queue_full" and full.retry_after
+    assert counts == rebuilt == {"queued": 2, "running": 0, "ready": 2, "failed": 0, "cancelled": 0}
+
+
+def test_pins_are_capped_per_tenant_and_in_all(redis_url):
+    from service.npcs.records import COUNTED, PINS, LimitReached
+
+    async def body(store, r):
+        for i in range(4):
+            await store.create({"id": f"npc-{i}", "name": "N", "persona": "p", "owner": "a" if i < 3 else "b"})
+        await store.pin("npc-0", "a", 2, 3)
+        await store.pin("npc-0", "a", 2, 3)  # the same pin twice counts once
+        await store.pin("npc-1", "a", 2, 3)
+        with pytest.raises(LimitReached) as mine:
+            await store.pin("npc-2", "a", 2, 3)
+        await store.pin("npc-3", "b", 2, 3)
+        with pytest.raises(LimitReached) as server:
+            await store.pin("npc-2", "a", None, 3)  # an admin has no tenant cap, but the server's holds
+        await store.unpin("npc-1")
+        await store.pin("npc-2", "a", 2, 3)
+        await store.delete("npc-0")  # a deleted NPC's pin is given back
+        held = sorted(k.decode() for k in await r.hkeys(PINS))
+        await store.update("npc-2", keep_alive=-1)
+        await r.delete(PINS, COUNTED)  # rebuilt from the records' keep_alive
+        await store.count_by_status()
+        return mine.value, server.value, held, sorted(k.decode() for k in await r.hkeys(PINS))
+
+    mine, server, held, rebuilt = _with_store(redis_url, body)
+    assert mine.code == "pin_limit" and server.code == "pins_full" and server.retry_after
+    assert held == ["npc-2", "npc-3"] and rebuilt == ["npc-2"]

@@ -17,13 +17,13 @@ from sse_starlette.sse import EventSourceResponse
 
 from pruning import PruneError
 from pruning.model_io import resolve_base
-from pruning.options import DATA_METHODS
+from pruning.options import DATA_METHODS, job_tokens
 from service.api import deps
 from service.errors import ApiError
 from service.jobs.queue import enqueue_prune
 from service.npcs.cards import card_png, card_to_npc, npc_to_card, parse_card
 from service.npcs.persona import system_prompt
-from service.npcs.records import new_id, serving_of
+from service.npcs.records import Caps, LimitReached, new_id, serving_of
 from service.protocol import NAME_PATTERN, ChatCompletionRequest, Npc, NpcCreate, NpcList, NpcLoad
 
 router = APIRouter(prefix="/v1/npcs", tags=["npcs"])
@@ -127,6 +127,10 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
     options = dict(req.options or {})
     if method in DATA_METHODS or options.get("recover"):
         options.setdefault("profile", settings.default_profile)
+    if req.sparsity != 0 and (work := job_tokens(options)) > settings.max_job_tokens:
+        raise ApiError(400, f"these options ask for about {work:,} tokens of pruning work, more than this server "
+                       f"takes for one NPC (NPC_MAX_JOB_TOKENS={settings.max_job_tokens:,}); use fewer steps, a "
+                       "smaller batch_size or max_length", param="options", code="job_too_large")
     evaluate = settings.evaluate if req.evaluate is None else req.evaluate
     idem_key = request.headers.get("idempotency-key")
     npc_id = new_id()
@@ -156,11 +160,22 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
            "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant,
            "keep_alive": req.keep_alive}
     if req.sparsity == 0:  # prompt-only: the dense base with the persona prompt, nothing to prune
-        rec = await store.create({**rec, "method": "prompt", "options": {}, "status": "ready", "stage": "ready",
-                                  "progress": 1.0, "ready_at": time.time()}, card=card)
-        return public(rec, settings.instant_npcs)
-    rec = await store.create(rec, card=card)
-    await enqueue_prune(queue, npc_id)
+        rec = {**rec, "method": "prompt", "options": {}, "status": "ready", "stage": "ready", "progress": 1.0,
+               "ready_at": time.time()}
+    caps = Caps(None if who.admin else settings.tenant_max_npcs, None if who.admin else settings.tenant_max_jobs,
+                settings.max_queued_jobs)
+    try:
+        if req.keep_alive == -1:  # a pin is claimed before the record exists: a refused one leaves nothing
+            await store.pin(npc_id, who.tenant, None if who.admin else settings.tenant_max_pins, settings.max_pins)
+        rec = await store.create(rec, card=card, caps=caps)
+    except LimitReached as e:
+        await store.unpin(npc_id)
+        if idem_key:  # the same request may be retried after the wait and must then be made
+            await store.r.delete(slot)
+        raise ApiError(429, str(e), code=e.code,
+                       headers={"Retry-After": str(e.retry_after)} if e.retry_after else None) from None
+    if rec["status"] == "queued":
+        await enqueue_prune(queue, npc_id)
     return public(rec, settings.instant_npcs)
 
 
@@ -261,6 +276,7 @@ async def unload_npc(npc_id: str, who=Depends(deps.require_key), store=Depends(d
     unloaded = await engines.unload(npc_id)
     if rec.get("keep_alive") is not None:  # an explicit unload ends a pin, also across restarts
         await store.update(npc_id, keep_alive=None)
+        await store.unpin(npc_id)
     return {"id": npc_id, "object": "npc.unload", "unloaded": unloaded}
 
 

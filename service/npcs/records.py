@@ -6,6 +6,8 @@ import json
 import secrets
 import time
 
+from dataclasses import dataclass
+
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
@@ -14,8 +16,33 @@ CARD = "npc:card:{}"  # the character card an NPC was made from: read by its cha
 INDEX = "npc:index"
 READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
+TENANT_COUNTS = "npc:tenant_counts:{}"  # the same, per owner: what the per-tenant caps read
+COUNTED = "npc:counted_v2"  # set once the records were counted into all of the above
+PINS = "npc:pins"  # pinned NPC id -> owner: what the pin caps read
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
 PROMPT_SERVABLE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What one create may find before it is refused (None: no cap)."""
+    npcs: int | None = None     # records of the tenant, any status
+    jobs: int | None = None     # the tenant's NPCs queued or running
+    queued: int | None = None   # NPCs queued, all tenants
+
+
+class LimitReached(Exception):
+    def __init__(self, message: str, code: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.code, self.retry_after = code, retry_after
+
+
+def _owner(rec: dict) -> str:
+    return rec.get("owner") or "public"
+
+
+def _counts(raw: dict) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else k): max(0, int(v)) for k, v in raw.items()}
 
 
 def new_id() -> str:
@@ -37,21 +64,41 @@ class NpcStore:
     def __init__(self, redis: Redis):
         self.r = redis
 
-    async def create(self, rec: dict, card: dict | None = None) -> dict:
+    async def create(self, rec: dict, card: dict | None = None, caps: Caps | None = None) -> dict:
+        """Write a new record; with `caps`, atomically refused (LimitReached) when the counts it
+        would join are full."""
         now = time.time()
         rec = {"created": now, "updated": now, "status": "queued", "progress": 0.0, "stage": "queued",
                "error": None, **rec, "has_card": card is not None}
         await self._ensure_counts()
+        tenant_key = TENANT_COUNTS.format(_owner(rec))
         async with self.r.pipeline(transaction=True) as p:
-            if card is not None:
-                p.set(CARD.format(rec["id"]), json.dumps(card))
-            p.set(REC.format(rec["id"]), json.dumps(rec))
-            p.zadd(INDEX, {rec["id"]: now})
-            p.hincrby(COUNTS, rec["status"], 1)
-            if rec["status"] == "ready":
-                p.zadd(READY, {rec["id"]: now})
-            await p.execute()
-        return rec
+            while True:
+                try:
+                    if caps is not None:  # read and write in one transaction: concurrent creates cannot overshoot
+                        await p.watch(tenant_key, COUNTS)
+                        _check_caps(caps, _counts(await p.hgetall(tenant_key)), _counts(await p.hgetall(COUNTS)),
+                                    rec["status"])
+                        p.multi()
+                    if card is not None:
+                        p.set(CARD.format(rec["id"]), json.dumps(card))
+                    p.set(REC.format(rec["id"]), json.dumps(rec))
+                    p.zadd(INDEX, {rec["id"]: now})
+                    p.hincrby(COUNTS, rec["status"], 1)
+                    p.hincrby(tenant_key, rec["status"], 1)
+                    if rec["status"] == "ready":
+                        p.zadd(READY, {rec["id"]: now})
+                    await p.execute()
+                    return rec
+                except WatchError:
+                    continue
+                except LimitReached:
+                    await p.reset()
+                    raise
+
+    async def tenant_counts(self, owner: str) -> dict[str, int]:
+        await self._ensure_counts()
+        return {**dict.fromkeys(STATUSES, 0), **_counts(await self.r.hgetall(TENANT_COUNTS.format(owner)))}
 
     async def get(self, npc_id: str) -> dict | None:
         raw = await self.r.get(REC.format(npc_id))
@@ -63,6 +110,7 @@ class NpcStore:
         None if the record is gone, or (with `_expect`) its status is not one of those.
         """
         key = REC.format(npc_id)
+        await self._ensure_counts()
         async with self.r.pipeline(transaction=True) as p:
             while True:
                 try:
@@ -78,6 +126,8 @@ class NpcStore:
                     if rec["status"] != old["status"]:
                         p.hincrby(COUNTS, old["status"], -1)
                         p.hincrby(COUNTS, rec["status"], 1)
+                        p.hincrby(TENANT_COUNTS.format(_owner(old)), old["status"], -1)
+                        p.hincrby(TENANT_COUNTS.format(_owner(old)), rec["status"], 1)
                         if rec["status"] == "ready":
                             p.zadd(READY, {npc_id: rec["updated"]})
                         elif old["status"] == "ready":
@@ -89,6 +139,7 @@ class NpcStore:
 
     async def delete(self, npc_id: str) -> bool:
         key = REC.format(npc_id)
+        await self._ensure_counts()
         async with self.r.pipeline(transaction=True) as p:
             while True:
                 try:
@@ -98,8 +149,11 @@ class NpcStore:
                     p.delete(key, CARD.format(npc_id))
                     p.zrem(INDEX, npc_id)
                     p.zrem(READY, npc_id)
+                    p.hdel(PINS, npc_id)
                     if raw is not None:
-                        p.hincrby(COUNTS, json.loads(raw)["status"], -1)
+                        old = json.loads(raw)
+                        p.hincrby(COUNTS, old["status"], -1)
+                        p.hincrby(TENANT_COUNTS.format(_owner(old)), old["status"], -1)
                     n, *_ = await p.execute()
                     return bool(n)
                 except WatchError:
@@ -153,26 +207,86 @@ class NpcStore:
     async def count_by_status(self) -> dict[str, int]:
         """Records per status: one HGETALL, whatever the number of records."""
         await self._ensure_counts()
-        counts = dict.fromkeys(STATUSES, 0)
-        for k, v in (await self.r.hgetall(COUNTS)).items():
-            counts[k.decode() if isinstance(k, bytes) else k] = max(0, int(v))
-        return counts
+        return {**dict.fromkeys(STATUSES, 0), **_counts(await self.r.hgetall(COUNTS))}
 
     async def _ensure_counts(self) -> None:
-        """Records written before the counts (and the ready index) were kept: counted once, from the
-        records themselves."""
-        if await self.r.exists(COUNTS):
+        """Records written before the counts (the ready index, the pins) were kept: counted once,
+        from the records themselves."""
+        if await self.r.exists(COUNTS, COUNTED) == 2:
             return
+        fresh = not await self.r.exists(COUNTS)
         counts: dict[str, int] = {}
+        tenants: dict[str, dict[str, int]] = {}
         ready: dict[str, float] = {}
+        pins: dict[str, str] = {}
         for rec in await self._records(await self.r.zrange(INDEX, 0, -1)):
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            t = tenants.setdefault(_owner(rec), {})
+            t[rec["status"]] = t.get(rec["status"], 0) + 1
             if rec["status"] == "ready":
                 ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
-        # HSETNX per status: a concurrent first writer's increment is not overwritten
+            if rec.get("keep_alive") == -1:
+                pins[rec["id"]] = _owner(rec)
+        # HSETNX: a concurrent first writer's increment is not overwritten
         async with self.r.pipeline(transaction=True) as p:
-            for st in STATUSES:
-                p.hsetnx(COUNTS, st, counts.get(st, 0))
+            if fresh:
+                for st in STATUSES:
+                    p.hsetnx(COUNTS, st, counts.get(st, 0))
+            for owner, n in tenants.items():
+                for st, k in n.items():
+                    p.hsetnx(TENANT_COUNTS.format(owner), st, k)
             if ready:
                 p.zadd(READY, ready, nx=True)
+            for npc_id, owner in pins.items():
+                p.hsetnx(PINS, npc_id, owner)
+            p.set(COUNTED, "1")
             await p.execute()
+
+    # -- pins -----------------------------------------------------------------------
+
+    async def pin(self, npc_id: str, owner: str, per_tenant: int | None, total: int) -> None:
+        """Count this NPC as pinned; LimitReached when its tenant (or the server) has no pin left."""
+        await self._ensure_counts()
+        async with self.r.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    await p.watch(PINS)
+                    pins = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                            for k, v in (await p.hgetall(PINS)).items()}
+                    if npc_id in pins:
+                        await p.reset()
+                        return
+                    mine = sum(1 for o in pins.values() if o == owner)
+                    if per_tenant is not None and mine >= per_tenant:
+                        raise LimitReached(f"this key already pins {mine} NPCs (NPC_TENANT_MAX_PINS={per_tenant}); "
+                                           "unpin one (keep_alive in seconds) or unload it", "pin_limit")
+                    if len(pins) >= total:
+                        raise LimitReached(f"the server already holds {len(pins)} pinned NPCs, the most its engines "
+                                           "can pin and still serve others; retry later", "pins_full", 30)
+                    p.multi()
+                    p.hset(PINS, npc_id, owner)
+                    await p.execute()
+                    return
+                except WatchError:
+                    continue
+                except LimitReached:
+                    await p.reset()
+                    raise
+
+    async def unpin(self, npc_id: str) -> None:
+        await self.r.hdel(PINS, npc_id)
+
+
+def _check_caps(caps: Caps, mine: dict[str, int], everyone: dict[str, int], status: str) -> None:
+    if caps.npcs is not None and sum(mine.values()) >= caps.npcs:
+        raise LimitReached(f"this key already has {sum(mine.values())} NPCs (NPC_TENANT_MAX_NPCS={caps.npcs}); "
+                           "delete some first", "npc_limit")
+    if status not in PROMPT_SERVABLE:  # ready at once: no job
+        return
+    busy = mine.get("queued", 0) + mine.get("running", 0)
+    if caps.jobs is not None and busy >= caps.jobs:
+        raise LimitReached(f"this key already has {busy} NPCs being pruned (NPC_TENANT_MAX_JOBS={caps.jobs}); "
+                           "retry when one is ready", "job_limit", 30)
+    if caps.queued is not None and everyone.get("queued", 0) >= caps.queued:
+        raise LimitReached(f"the pruning queue is full ({everyone.get('queued', 0)} NPCs wait, NPC_MAX_QUEUED_JOBS="
+                           f"{caps.queued}); retry later", "queue_full", 60)

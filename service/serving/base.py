@@ -16,7 +16,7 @@ from service.engines.pool import EnginePool
 from service.engines.slot import NpcWeights, shape_key
 from service.errors import ApiError
 from service.npcs.checkpoints import CheckpointStore, OpenedCheckpoint, open_base
-from service.npcs.records import NpcStore, serving_of
+from service.npcs.records import LimitReached, NpcStore, serving_of
 
 DEFAULT_TEMPERATURE = 0.7
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")
@@ -142,23 +142,35 @@ class Serving:
                 # unknown ids get no label: they would be unbounded
                 metrics.REQUESTS.labels(npc=metrics.npc_label(req.model), status="rejected").inc()
             raise
-        await self._remember_keep_alive(rec, req.keep_alive)
+        await self._remember_keep_alive(rec, req.keep_alive, who)
         fingerprint = "fp_" + (ck.manifest.base_sha256 or "")[:10]
         if meta is not None:
             meta["serving"] = rec["serving"]
         return Prepared(fingerprint, w, tok, prompts, params, req.keep_alive)
 
-    async def _remember_keep_alive(self, rec: dict, keep_alive: float | None) -> None:
-        """The latest keep_alive given for an NPC is its residency until another is given, across restarts."""
-        if keep_alive is not None and rec.get("keep_alive") != keep_alive:
-            await self.store.update(rec["id"], keep_alive=keep_alive)
+    async def _remember_keep_alive(self, rec: dict, keep_alive: float | None, who=None) -> None:
+        """The latest keep_alive given for an NPC is its residency until another is given, across
+        restarts. A pin (-1) is counted first: past a cap it is a 429 and nothing changes."""
+        if keep_alive is None or rec.get("keep_alive") == keep_alive:
+            return
+        if keep_alive == -1:
+            try:
+                await self.store.pin(rec["id"], rec.get("owner") or "public",
+                                     None if who is None or who.admin else self.settings.tenant_max_pins,
+                                     self.settings.max_pins)
+            except LimitReached as e:
+                raise ApiError(429, str(e), param="keep_alive", code=e.code,
+                               headers={"Retry-After": str(e.retry_after)} if e.retry_after else None) from None
+        await self.store.update(rec["id"], keep_alive=keep_alive)
+        if rec.get("keep_alive") == -1:
+            await self.store.unpin(rec["id"])
 
     async def load(self, npc_id: str, who=None, keep_alive: float | None = None,
                    wait_s: float | None = None) -> dict:
         """Put this NPC's weights into an engine now, so its next chat does not wait for it. Waits at
         most `wait_s`; then `loaded` is false and the load goes on (one per NPC, however often asked)."""
         rec, _, w = await self.resolve(npc_id, who)
-        await self._remember_keep_alive(rec, keep_alive)
+        await self._remember_keep_alive(rec, keep_alive, who)
         t0 = time.time()
         task = self._loading.get(npc_id)
         if task is None or task.done():
