@@ -55,11 +55,11 @@ def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
     vllm_engine.release()
 
 
-def eval_pair(eval_dir: Path, u: int):
+def eval_pair(eval_dir: Path, u: int, limit: int | None = None):
     """(persona set, general set) of persona `u`: its specific questions with the persona's system
-    prompt, and its general questions without one."""
-    return (load_eval_file(eval_dir / f"persona_alpaca_specific_user_{u}.json"),
-            load_eval_file(eval_dir / f"persona_alpaca_general_user_{u}.json", with_persona=False))
+    prompt, and its general questions without one (the first `limit` of each)."""
+    return (load_eval_file(eval_dir / f"persona_alpaca_specific_user_{u}.json", limit=limit),
+            load_eval_file(eval_dir / f"persona_alpaca_general_user_{u}.json", with_persona=False, limit=limit))
 
 
 def persona_context(sp, sparsity: float, options: dict, work: Path) -> PruneContext:
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(GENERIC + PERSONAL))
     ap.add_argument("--profile", default="default")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--questions", type=int, default=None, help="the first N questions of each set (default: all)")
     ap.add_argument("--attribution-n", type=int, default=8, help="questions per persona for attribution (0: off)")
     ap.add_argument("--attribution-sparsities", default="0.25")
     ap.add_argument("--fidelity-n", type=int, default=20,
@@ -154,7 +155,7 @@ def main() -> None:
 
     sets, evals = {}, {}
     for u in personas:
-        sp, gen = eval_pair(eval_dir, u)
+        sp, gen = eval_pair(eval_dir, u, a.questions)
         evals[u] = (sp, gen)
         sets[f"spec{u}"] = {"system": sp.system, "questions": sp.questions}
         sets[f"gen{u}"] = {"system": None, "questions": gen.questions}

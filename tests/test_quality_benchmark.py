@@ -33,7 +33,8 @@ def test_other_eval_dir(tmp_path, base_dir):
     assert bad.returncode != 0 and "no specific+general eval pair for persona(s) [1]" in bad.stderr
 
     r = _run(*common, "--methods", "random,activation-prompt", "--sparsities", "0.5", "--attribution-n", "0",
-             "--fidelity-n", "3", "--fidelity-tokens", "12", "--backend", "hf", "--max-new-tokens", "8")
+             "--fidelity-n", "3", "--fidelity-tokens", "12", "--backend", "hf", "--max-new-tokens", "8",
+             "--questions", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader((out / "quality.csv").open()))
     assert {(x["persona"], x["method"]) for x in rows} == {("12", "dense"), ("12", "random"), ("12", "activation-prompt")}
