@@ -26,6 +26,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def limit_error(e, param: str | None = None) -> ApiError:
+    """A cap the store refused (records.LimitReached: its message, code, retry_after) as a 429."""
+    return ApiError(429, str(e), param=param, code=e.code,
+                    headers={"Retry-After": str(e.retry_after)} if e.retry_after else None)
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

@@ -19,7 +19,7 @@ from pruning import PruneError
 from pruning.model_io import resolve_base
 from pruning.options import DATA_METHODS, job_tokens
 from service.api import deps
-from service.errors import ApiError
+from service.errors import ApiError, limit_error
 from service.jobs.queue import enqueue_prune
 from service.npcs.cards import card_png, card_to_npc, npc_to_card, parse_card
 from service.npcs.persona import system_prompt
@@ -172,8 +172,7 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
         await store.unpin(npc_id)
         if idem_key:  # the same request may be retried after the wait and must then be made
             await store.r.delete(slot)
-        raise ApiError(429, str(e), code=e.code,
-                       headers={"Retry-After": str(e.retry_after)} if e.retry_after else None) from None
+        raise limit_error(e) from None
     if rec["status"] == "queued":
         await enqueue_prune(queue, npc_id)
     return public(rec, settings.instant_npcs)

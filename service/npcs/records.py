@@ -41,8 +41,12 @@ def _owner(rec: dict) -> str:
     return rec.get("owner") or "public"
 
 
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
 def _counts(raw: dict) -> dict[str, int]:
-    return {(k.decode() if isinstance(k, bytes) else k): max(0, int(v)) for k, v in raw.items()}
+    return {_text(k): max(0, int(v)) for k, v in raw.items()}
 
 
 def new_id() -> str:
@@ -251,8 +255,7 @@ class NpcStore:
             while True:
                 try:
                     await p.watch(PINS)
-                    pins = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                            for k, v in (await p.hgetall(PINS)).items()}
+                    pins = {_text(k): _text(v) for k, v in (await p.hgetall(PINS)).items()}
                     if npc_id in pins:
                         await p.reset()
                         return

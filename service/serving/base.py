@@ -14,7 +14,7 @@ from pruning.model_io import resolve_base
 from service import metrics
 from service.engines.pool import EnginePool
 from service.engines.slot import NpcWeights, shape_key
-from service.errors import ApiError
+from service.errors import ApiError, limit_error
 from service.npcs.checkpoints import CheckpointStore, OpenedCheckpoint, open_base
 from service.npcs.records import LimitReached, NpcStore, serving_of
 
@@ -159,8 +159,7 @@ class Serving:
                                      None if who is None or who.admin else self.settings.tenant_max_pins,
                                      self.settings.max_pins)
             except LimitReached as e:
-                raise ApiError(429, str(e), param="keep_alive", code=e.code,
-                               headers={"Retry-After": str(e.retry_after)} if e.retry_after else None) from None
+                raise limit_error(e, "keep_alive") from None
         await self.store.update(rec["id"], keep_alive=keep_alive)
         if rec.get("keep_alive") == -1:
             await self.store.unpin(rec["id"])
