@@ -32,6 +32,12 @@ def npc_label(npc_id: str) -> str:
     return OTHER
 
 
+def labelled_npcs() -> set[str]:
+    """The NPC ids that have their own label (what /metrics filters by tenant)."""
+    with _lock:
+        return set(_seen)
+
+
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 

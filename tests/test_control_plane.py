@@ -265,6 +265,23 @@ def test_corrupt_checkpoint_is_refused(cluster):
     assert not engines  # nothing was loaded from the corrupt files
 
 
+def test_metrics_show_npc_ids_to_their_tenant_only(cluster):
+    # the refused chat above counted a request under Evie's id, tenant A's NPC
+    evie = [n for n in httpx.get(cluster.api.url + "/v1/npcs", headers=A).json()["data"] if n["name"] == "Evie"][0]
+    series = f'npc="{evie["id"]}"'
+
+    def scrape(headers=None):
+        r = httpx.get(cluster.api.url + "/metrics", headers=headers or {})
+        assert r.status_code == 200
+        return r.text
+
+    assert series in scrape(A) and series in scrape(ADMIN)
+    for text in (scrape(B), scrape()):
+        assert series not in text
+        assert "npc_jobs{" in text and "npc_queue_depth" in text  # the series without NPC ids stay
+    assert httpx.get(cluster.api.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
 def _png_with(chunk: str, payload: bytes) -> bytes:
     from PIL import Image, PngImagePlugin
 

@@ -1,13 +1,21 @@
-"""/healthz and /metrics (both open without an API key)."""
+"""/healthz and /metrics (both open without an API key).
+
+On a server with API keys, /metrics shows per-NPC series (an `npc` label) only to whom may see
+those NPCs: an admin key sees all, a tenant's key its own NPCs, a scrape without a key the series
+without NPC ids (jobs, queue, engines, the `_other` bucket)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import json
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from service import metrics
 from service.api import deps
 from service.jobs.queue import live_workers, queue_depth
+from service.npcs.records import REC
 
 router = APIRouter(tags=["health"])
 
@@ -18,10 +26,49 @@ async def healthz(store=Depends(deps.store)) -> dict:
     return {"status": "ok"}
 
 
+async def scraper(request: Request) -> deps.Principal | None:
+    """Who scrapes: the key's principal when one is sent (or the server has none); None without one."""
+    if request.app.state.keys and not request.headers.get("authorization"):
+        return None
+    return await deps.require_key(request)
+
+
+class _Visible:
+    """The default registry with the samples of NPCs `keep(npc)` refuses left out."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def collect(self):
+        for fam in REGISTRY.collect():
+            samples = [s for s in fam.samples if "npc" not in s.labels or self.keep(s.labels["npc"])]
+            if fam.samples and not samples:
+                continue
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = samples
+            yield out
+
+
+async def _owned(store, who: deps.Principal) -> set[str]:
+    """The NPC ids among the metric labels that `who` owns."""
+    ids = sorted(metrics.labelled_npcs())
+    owned = set()
+    for start in range(0, len(ids), 256):
+        chunk = ids[start:start + 256]
+        for npc_id, raw in zip(chunk, await store.r.mget([REC.format(i) for i in chunk])):
+            if raw and who.owns(json.loads(raw)):
+                owned.add(npc_id)
+    return owned
+
+
 @router.get("/metrics")
-async def prometheus_metrics(store=Depends(deps.store)) -> Response:
+async def prometheus_metrics(store=Depends(deps.store), who=Depends(scraper)) -> Response:
     for state, n in (await store.count_by_status()).items():
         metrics.JOBS.labels(state=state).set(n)
     metrics.QUEUE_DEPTH.set(await queue_depth(store.r))
     metrics.WORKERS_LIVE.set(len(await live_workers(store.r)))
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if who is not None and who.admin:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    owned = await _owned(store, who) if who is not None else set()
+    visible = _Visible(lambda npc: npc == metrics.OTHER or npc in owned)
+    return Response(generate_latest(visible), media_type=CONTENT_TYPE_LATEST)
