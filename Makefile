@@ -33,11 +33,12 @@ run: setup
 
 # Prometheus (scrape tests), docker-compose (compose file check) and Chromium (the page test) come from Debian.
 test-system-deps:
-	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null \
+			|| ! command -v redis-server >/dev/null || ! command -v ip >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-				prometheus docker-compose chromium >/dev/null; \
-		else echo "note: install prometheus, docker-compose and chromium (apt) to run every test"; fi; \
+				prometheus docker-compose chromium redis-server iproute2 >/dev/null; \
+		else echo "note: install prometheus, docker-compose, chromium, redis-server and iproute2 (apt) to run every test"; fi; \
 	fi
 
 test: setup test-system-deps
