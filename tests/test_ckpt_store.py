@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -112,3 +113,32 @@ def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(tmp_path):
     (bad / MANIFEST).write_text(json.dumps({"files": {"/etc/hostname": "0" * 64}}))
     with pytest.raises(CorruptCheckpoint, match="plain name"):
         Manifest.verify(bad)
+
+
+def test_publish_waits_out_a_store_that_is_down(tmp_path, s3):
+    """The store is unreachable when the publish starts (nothing listens on its port) and comes up
+    2 s later: the publish backs off and succeeds instead of failing the NPC."""
+    import threading
+
+    moto_server = require_module("moto.server")
+    port = free_port()
+    late = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # same in-process buckets
+    timer = threading.Timer(2.0, late.start)
+    timer.start()
+    try:
+        d = _checkpoint(tmp_path / "npc-5")
+        opts = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+                "config_kwargs": {"retries": {"max_attempts": 1}}}
+        store = CheckpointStore("s3://npcs/late", tmp_path / "cache", opts)
+        t0 = time.monotonic()
+        ref = store.publish(d, "npc-5.a1", wait_max_s=2.0)
+        assert time.monotonic() - t0 >= 1.5  # it did wait for the store
+        Manifest.verify(store.fetch(ref))
+        from botocore.exceptions import EndpointConnectionError
+
+        gone = {**opts, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}}
+        with pytest.raises(EndpointConnectionError):  # a store that never comes back: its error, after the tries
+            CheckpointStore("s3://npcs/late", tmp_path / "c2", gone).publish(d, "npc-6", tries=2, wait_max_s=0.1)
+    finally:
+        timer.join()
+        late.stop()

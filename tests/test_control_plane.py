@@ -119,6 +119,32 @@ def test_worker_killed_mid_learning_resumes_once(cluster):
     (cluster.tmp / "resume.json").write_text(json.dumps({"resume_s": resume_s, "ready_s": ready_s}))
 
 
+def test_a_stalled_worker_whose_job_was_handed_over_changes_nothing(cluster):
+    """A worker frozen (SIGSTOP) past its heartbeat loses its job to another; woken, its attempt is
+    fenced: its writes are refused, it drops its work, and the NPC is the new attempt's."""
+    cluster.stop_workers()
+    stalled = cluster.start_worker()
+    log = cluster.tmp / f"worker-{len(cluster.workers) - 1}.log"
+    npc = cluster.api.create_npc("Stall", PERSONA_B, sparsity=0.25)
+    cluster.wait_for(npc["id"], lambda r: r["stage"] == "learning" and r["progress"] > 0.1)
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        cluster.start_worker()
+        cluster.wait_for(npc["id"], lambda r: r["attempts"] == 2 and r["status"] == "running", timeout=120)
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    deadline = time.time() + 60
+    while "superseded by attempt 2" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "superseded by attempt 2" in log.read_text()
+    rec = cluster.wait_for(npc["id"], lambda r: r["status"] in ("ready", "failed"), timeout=300)
+    assert rec["status"] == "ready" and rec["attempts"] == 2, rec
+    assert stalled.poll() is None  # the woken worker lives on, for the next job
+    left = sorted(p.name for p in (cluster.api.data_dir / "npcs").iterdir() if npc["id"] in p.name)
+    assert left == [npc["id"]]
+    httpx.delete(f"{cluster.api.url}/v1/npcs/{npc['id']}", headers=A)
+
+
 def test_cancel_running_job(cluster):
     if not any(w.poll() is None for w in cluster.workers):
         cluster.start_worker()

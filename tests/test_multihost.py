@@ -161,8 +161,9 @@ def test_prune_on_a_worker_host_survives_its_death_and_serves_on_another(hosts, 
     assert done["attempts"] == 2
 
     # published to the store by w2, fetched from it by the serving host: no shared filesystem
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="npcs", Prefix=f"ckpt/{npc_id}/").get("Contents", [])]
-    assert any(k.endswith("model.safetensors") for k in keys), keys
+    # under the finishing attempt's own name: a stale attempt's upload could not mix with it
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="npcs", Prefix=f"ckpt/{npc_id}").get("Contents", [])]
+    assert keys and all(k.startswith(f"ckpt/{npc_id}.a2/") for k in keys) and f"ckpt/{npc_id}.a2/model.safetensors" in keys
     assert not (tmp / "w1" / "data" / "npcs" / npc_id / "model.safetensors").exists()
 
     from openai import OpenAI
@@ -171,4 +172,4 @@ def test_prune_on_a_worker_host_survives_its_death_and_serves_on_another(hosts, 
     out = client.chat.completions.create(model=npc_id, messages=[{"role": "user", "content": "Who are you?"}],
                                          max_tokens=16, temperature=0)
     assert out.choices[0].message.content.strip()
-    assert (tmp / "serve" / "data" / "cache" / npc_id / "model.safetensors").is_file()  # fetched from S3
+    assert (tmp / "serve" / "data" / "cache" / f"{npc_id}.a2" / "model.safetensors").is_file()  # fetched from S3

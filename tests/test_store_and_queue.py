@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 
+from service.npcs.records import NpcStore
 from service import redis_embedded
 from service.jobs.queue import SERIALIZERS, enqueue_prune, loads
 
@@ -74,8 +75,8 @@ def test_status_counts_follow_every_write_and_survive_an_upgrade(redis_url):
         await store.delete("npc-2")
         await store.delete("npc-2")  # already gone
         after_writes = await store.count_by_status()
-        await r.delete(COUNTS)  # records from before the counts were kept
-        return after_writes, await store.count_by_status()
+        await r.delete(COUNTS)  # records from before the counts were kept, read by a new server
+        return after_writes, await NpcStore(r).count_by_status()
 
     after_writes, rebuilt = _with_store(redis_url, body)
     expected = {"queued": 2, "running": 0, "ready": 1, "failed": 1, "cancelled": 0}
@@ -103,8 +104,8 @@ def test_pages_and_the_ready_index(redis_url):
         newly = [x["id"] for x in await store.ready_since(t)]
         await store.update("npc-3", status="failed")
         after_fail = [x["id"] for x in await store.ready_since(0)]
-        await r.delete(COUNTS, READY)  # as before the index existed: rebuilt from the records
-        await store.count_by_status()
+        await r.delete(COUNTS, READY)  # as before the index existed: rebuilt from the records by a new server
+        await NpcStore(r).count_by_status()
         return pages, newly, after_fail, [x["id"] for x in await store.ready_since(0)]
 
     pages, newly, after_fail, rebuilt = _with_store(redis_url, body)
@@ -143,7 +144,7 @@ def test_tenant_caps_are_atomic_and_counted_per_owner(redis_url):
         await store.delete(made[1])
         counts = await store.tenant_counts("a")
         await r.delete(TENANT_COUNTS.format("a"), COUNTED)  # as before tenants were counted
-        return codes, npc_cap.value, full.value, counts, await store.tenant_counts("a")
+        return codes, npc_cap.value, full.value, counts, await NpcStore(r).tenant_counts("a")
 
     codes, npc_cap, full, counts, rebuilt = _with_store(redis_url, body)
     assert len(set(codes) - {"job_limit"}) == 3 and "job_limit" in codes
@@ -171,8 +172,8 @@ def test_pins_are_capped_per_tenant_and_in_all(redis_url):
         await store.delete("npc-0")  # a deleted NPC's pin is given back
         held = sorted(k.decode() for k in await r.hkeys(PINS))
         await store.update("npc-2", keep_alive=-1)
-        await r.delete(PINS, COUNTED)  # rebuilt from the records' keep_alive
-        await store.count_by_status()
+        await r.delete(PINS, COUNTED)  # rebuilt from the records' keep_alive (by a new server)
+        await NpcStore(r).count_by_status()
         return mine.value, server.value, held, sorted(k.decode() for k in await r.hkeys(PINS))
 
     mine, server, held, rebuilt = _with_store(redis_url, body)

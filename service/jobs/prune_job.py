@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import threading
 import time
@@ -19,19 +20,35 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 1.0
 
 
-async def _watch_cancel(store: NpcStore, npc_id: str, cancel: threading.Event) -> None:
+async def _watch(store: NpcStore, npc_id: str, attempt: int, cancel: threading.Event, fenced: list) -> None:
+    """Stop the attempt when the NPC is cancelled or deleted, or when a later attempt owns the job
+    (this worker stalled past its heartbeat and the job was handed over)."""
     while not cancel.is_set():
         rec = await store.get(npc_id)
-        if rec is None or rec["status"] == "cancelled":
+        if rec is not None and rec.get("attempts", 0) != attempt:
+            fenced.append(rec.get("attempts", 0))
+        if rec is None or rec["status"] == "cancelled" or fenced:
             cancel.set()
             return
         await asyncio.sleep(CANCEL_POLL_S)
 
 
-def _clean_partial(out: Path) -> None:
-    """A killed attempt can leave its temp dir beside the output: remove it before retrying."""
-    for p in out.parent.glob(f".{out.name}.*"):
+def _attempt_dir(npcs_dir: Path, npc_id: str, attempt: int) -> Path:
+    """Where one attempt builds its checkpoint: its own, so a stale attempt cannot touch another's."""
+    return npcs_dir / f".{npc_id}.a{attempt}"
+
+
+def _clean_partial(npcs_dir: Path, npc_id: str) -> None:
+    """Earlier attempts' dirs and temp dirs (a killed attempt leaves them) go before a new one."""
+    for p in npcs_dir.glob(f"*{npc_id}.*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _commit_local(work: Path, final: Path) -> None:
+    """The attempt's checkpoint becomes the NPC's local one (replacing what a stale attempt left)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(work, final)
 
 
 def prune_device(setting: str) -> str:
@@ -57,8 +74,12 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         return "failed"
     loop = asyncio.get_running_loop()
     started = time.time()
-    await store.update(npc_id, status="running", stage="loading", progress=0.0, started=started, eta_s=None,
-                       attempts=rec.get("attempts", 0) + 1, worker=ctx.get("worker_id"))
+    # the attempt number is this run's fencing token: every write below is refused once a later
+    # attempt has claimed the job
+    mine = tries + 1
+    if await store.update(npc_id, _attempt=tries, status="running", stage="loading", progress=0.0, started=started,
+                          eta_s=None, attempts=mine, worker=ctx.get("worker_id")) is None:
+        return "skipped"  # another attempt claimed it first, or it was deleted
     last = [0.0]
     stages: dict[str, float] = {}
     current = ["loading", started]
@@ -77,12 +98,14 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             elapsed = now - started
             eta = round(elapsed / frac * (1 - frac), 1) if frac > 0.05 else None
             asyncio.run_coroutine_threadsafe(
-                store.update(npc_id, progress=round(min(frac, 0.99), 3), stage=stage, eta_s=eta,
+                store.update(npc_id, _attempt=mine, progress=round(min(frac, 0.99), 3), stage=stage, eta_s=eta,
                              timings={**stages, current[0] + "_running": round(now - current[1], 3)}), loop)
 
-    out = settings.npcs_dir / npc_id
-    _clean_partial(out)
-    watcher = asyncio.create_task(_watch_cancel(store, npc_id, cancel))
+    final = settings.npcs_dir / npc_id
+    out = _attempt_dir(settings.npcs_dir, npc_id, mine)
+    _clean_partial(settings.npcs_dir, npc_id)
+    fenced: list[int] = []
+    watcher = asyncio.create_task(_watch(store, npc_id, mine, cancel, fenced))
     try:
         from pruning.model_io import resolve_base
         from pruning.prune import prune
@@ -113,38 +136,57 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             # the pruning thread stops at its next progress call (the cancel flag, set below)
             cancel.set()
             shutil.rmtree(out, ignore_errors=True)
-            await store.update(npc_id, status="failed", stage="failed", eta_s=None,
+            await store.update(npc_id, _attempt=mine, status="failed", stage="failed", eta_s=None,
                                error=f"timed out after {settings.job_timeout_s} s in stage {current[0]} "
                                      "(NPC_JOB_TIMEOUT_S)")
             return "failed"
     except PruneCancelled:
         shutil.rmtree(out, ignore_errors=True)
-        await store.update(npc_id, stage="cancelled", eta_s=None)
+        if fenced:
+            log.warning("job for %s: attempt %d superseded by attempt %d; its work is dropped", npc_id, mine, fenced[0])
+            return "superseded"
+        await store.update(npc_id, _attempt=mine, stage="cancelled", eta_s=None)
         return "cancelled"
     except PruneError as e:
-        await store.update(npc_id, status="failed", stage="failed", error=str(e), eta_s=None)
+        shutil.rmtree(out, ignore_errors=True)
+        await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=str(e), eta_s=None)
         return "failed"
     except Exception as e:
         log.exception("job for %s failed", npc_id)
-        await store.update(npc_id, status="failed", stage="failed", error=f"{type(e).__name__}: {e}", eta_s=None)
+        shutil.rmtree(out, ignore_errors=True)
+        await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=f"{type(e).__name__}: {e}",
+                           eta_s=None)
         return "failed"
     finally:
         cancel.set()
         watcher.cancel()
     stages[current[0]] = round(time.time() - current[1], 3)
     ckpts = from_settings(settings)
+    now = await store.get(npc_id)
+    if now is None or now.get("attempts", 0) != mine or now["status"] != "running":
+        shutil.rmtree(out, ignore_errors=True)
+        return "superseded" if now is not None and now.get("attempts", 0) != mine else "cancelled"
     try:
-        ref = await asyncio.to_thread(ckpts.publish, out, npc_id)
+        # a remote store gets the attempt's own name: a stale attempt's upload cannot mix with it
+        ref = await asyncio.to_thread(ckpts.publish, out, f"{npc_id}.a{mine}" if ckpts.url else npc_id)
+        await asyncio.to_thread(_commit_local, out, final)
+        if not ckpts.url:
+            ref = str(final)
     except Exception as e:
         log.exception("publishing %s failed", npc_id)
-        await store.update(npc_id, status="failed", stage="failed", error=f"checkpoint store: {e}", eta_s=None)
+        shutil.rmtree(out, ignore_errors=True)
+        await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=f"checkpoint store: {e}",
+                           eta_s=None)
         return "failed"
     stages["total"] = round(time.time() - started, 3)
-    done = await store.update(npc_id, _expect=("running",), status="ready", stage="ready", progress=1.0,
-                              checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages,
+    done = await store.update(npc_id, _expect=("running",), _attempt=mine, status="ready", stage="ready",
+                              progress=1.0, checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages,
                               kept_per_layer=summary["kept_per_layer"], metrics=summary.get("metrics"))
-    if done is None:  # deleted or cancelled at the very end: leave nothing behind
-        await asyncio.to_thread(ckpts.delete, ref)
-        shutil.rmtree(out, ignore_errors=True)
-        return "cancelled"
+    if done is None:  # deleted, cancelled or superseded at the very end: leave nothing of ours behind
+        now = await store.get(npc_id)
+        if ckpts.url:
+            await asyncio.to_thread(ckpts.delete, ref)
+        if now is None or now.get("attempts", 0) == mine:  # a later attempt replaces `final` itself
+            shutil.rmtree(final, ignore_errors=True)
+        return "cancelled" if now is None or now.get("attempts", 0) == mine else "superseded"
     return "ready"

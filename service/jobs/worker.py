@@ -21,6 +21,8 @@ HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = 15
 
 log = logging.getLogger(__name__)
+_RELEASE_OWN = """if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0"""
 
 
 def _device(settings) -> str:
@@ -90,7 +92,8 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
 
     async def job_end(ctx: dict) -> None:
         ctx["state"]["job"] = None
-        await ctx["redis"].hdel(JOB_OWNERS, ctx["job_id"])
+        # only this worker's claim: a stalled worker's job may have been handed to another since
+        await ctx["redis"].eval(_RELEASE_OWN, 1, JOB_OWNERS, ctx["job_id"], ctx["worker_id"])
 
     return Worker(
         functions=[prune_npc],

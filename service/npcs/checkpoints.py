@@ -22,6 +22,7 @@ from pruning.manifest import MANIFEST, CorruptCheckpoint, Manifest, checkpoint_s
 
 # per-file hashing of these is left out when a mixed engine rebuilds the NPC from its base
 WEIGHT_SUFFIXES = (".safetensors",)
+PUBLISH_TRIES = 6  # about 30 s of backoff before a publish gives up
 
 
 def _stat_key(ckpt: str) -> tuple:
@@ -114,17 +115,28 @@ class CheckpointStore:
     def is_remote(self, ref: str) -> bool:
         return "://" in ref
 
-    def publish(self, local_dir: Path, npc_id: str) -> str:
-        """Make a finished local checkpoint available to every host; returns its reference."""
+    def publish(self, local_dir: Path, name: str, tries: int = PUBLISH_TRIES, wait_max_s: float = 16.0) -> str:
+        """Make a finished local checkpoint available to every host as `name`; returns its reference.
+
+        A store that fails (unreachable, throttling, a 5xx) is tried again with exponential backoff,
+        `tries` times in all: every upload overwrites, so a retry after a partial one is safe."""
         if not self.url:
             return str(local_dir)
+        from tenacity import Retrying, stop_after_attempt, wait_exponential
+
+        for attempt in Retrying(stop=stop_after_attempt(tries), wait=wait_exponential(multiplier=0.5, max=wait_max_s),
+                                reraise=True):
+            with attempt:
+                return self._upload(Path(local_dir), f"{self.url}/{name}")
+        raise AssertionError("unreachable")
+
+    def _upload(self, local_dir: Path, dest: str) -> str:
         fs = self._fs()
-        dest = f"{self.url}/{npc_id}"
-        files = sorted(p for p in Path(local_dir).iterdir() if p.is_file() and p.name != MANIFEST)
+        files = sorted(p for p in local_dir.iterdir() if p.is_file() and p.name != MANIFEST)
         fs.makedirs(dest, exist_ok=True)  # a directory store does not create folders on put (S3 has none)
         for f in files:
             fs.put_file(str(f), f"{dest}/{f.name}")
-        fs.put_file(str(Path(local_dir) / MANIFEST), f"{dest}/{MANIFEST}")  # the commit marker
+        fs.put_file(str(local_dir / MANIFEST), f"{dest}/{MANIFEST}")  # the commit marker
         return dest
 
     def fetch(self, ref: str) -> Path:

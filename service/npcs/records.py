@@ -18,6 +18,7 @@ READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only t
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 TENANT_COUNTS = "npc:tenant_counts:{}"  # the same, per owner: what the per-tenant caps read
 COUNTED = "npc:counted_v2"  # set once the records were counted into all of the above
+COUNTS_RECHECK_S = 10.0
 PINS = "npc:pins"  # pinned NPC id -> owner: what the pin caps read
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
 PROMPT_SERVABLE = ("queued", "running")
@@ -67,6 +68,7 @@ def serving_of(rec: dict, instant: bool = True) -> str | None:
 class NpcStore:
     def __init__(self, redis: Redis):
         self.r = redis
+        self._counted_at = float("-inf")  # when the counts were last seen to exist
 
     async def create(self, rec: dict, card: dict | None = None, caps: Caps | None = None) -> dict:
         """Write a new record; with `caps`, atomically refused (LimitReached) when the counts it
@@ -108,10 +110,12 @@ class NpcStore:
         raw = await self.r.get(REC.format(npc_id))
         return json.loads(raw) if raw else None
 
-    async def update(self, npc_id: str, _expect: tuple[str, ...] | None = None, **fields) -> dict | None:
+    async def update(self, npc_id: str, _expect: tuple[str, ...] | None = None, _attempt: int | None = None,
+                     **fields) -> dict | None:
         """Merge fields into the record atomically (WATCH/MULTI).
 
-        None if the record is gone, or (with `_expect`) its status is not one of those.
+        None if the record is gone, or (with `_expect`) its status is not one of those, or (with
+        `_attempt`, a job's fencing token) its `attempts` is not that: a later attempt owns the job.
         """
         key = REC.format(npc_id)
         await self._ensure_counts()
@@ -121,7 +125,8 @@ class NpcStore:
                     await p.watch(key)
                     raw = await p.get(key)
                     old = json.loads(raw) if raw is not None else None
-                    if old is None or (_expect and old["status"] not in _expect):
+                    if (old is None or (_expect and old["status"] not in _expect)
+                            or (_attempt is not None and old.get("attempts", 0) != _attempt)):
                         await p.unwatch()
                         return None
                     rec = {**old, **fields, "updated": time.time()}
@@ -215,8 +220,12 @@ class NpcStore:
 
     async def _ensure_counts(self) -> None:
         """Records written before the counts (the ready index, the pins) were kept: counted once,
-        from the records themselves."""
+        from the records themselves. Checked again at most every COUNTS_RECHECK_S per store: one
+        round trip fewer on every write."""
+        if time.monotonic() - self._counted_at < COUNTS_RECHECK_S:
+            return
         if await self.r.exists(COUNTS, COUNTED) == 2:
+            self._counted_at = time.monotonic()
             return
         fresh = not await self.r.exists(COUNTS)
         counts: dict[str, int] = {}
@@ -245,6 +254,7 @@ class NpcStore:
                 p.hsetnx(PINS, npc_id, owner)
             p.set(COUNTED, "1")
             await p.execute()
+        self._counted_at = time.monotonic()
 
     # -- pins -----------------------------------------------------------------------
 
