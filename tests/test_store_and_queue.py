@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import pickle
+import time
 
 import pytest
 
@@ -179,3 +180,39 @@ def test_pins_are_capped_per_tenant_and_in_all(redis_url):
     mine, server, held, rebuilt = _with_store(redis_url, body)
     assert mine.code == "pin_limit" and server.code == "pins_full" and server.retry_after
     assert held == ["npc-2", "npc-3"] and rebuilt == ["npc-2"]
+
+
+def test_a_record_whose_job_vanished_gets_its_job_again(redis_url):
+    """A create that died between the record and its job (here: the record written, no job queued)
+    is repaired by the reconciler; NPCs whose job is queued, in progress on a live worker, or done
+    are left alone."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from service.jobs.queue import HEARTBEAT, JOB_OWNERS, QUEUE, job_id
+    from service.jobs.reconcile import reconcile
+
+    async def go():
+        pool = await create_pool(RedisSettings.from_dsn(redis_url), **SERIALIZERS)
+        store = NpcStore(pool)
+        try:
+            for i in range(4):
+                await store.create({"id": f"npc-{i}", "name": "N", "persona": "p"})
+            await enqueue_prune(pool, "npc-1")                      # queued as it should be
+            await store.update("npc-2", status="running")           # held by a live worker
+            await pool.hset(JOB_OWNERS, job_id("npc-2"), "w-live")
+            await pool.set(HEARTBEAT.format("w-live"), "{}", ex=60)
+            await store.update("npc-3", status="ready")             # done: not active any more
+            young = await reconcile(pool, grace_s=3600)             # within the grace period: nothing
+            first = await reconcile(pool, grace_s=0)
+            again = await reconcile(pool, grace_s=0)                 # now queued: not queued twice
+            queued = sorted(x.decode() for x in await pool.zrange(QUEUE, 0, -1))
+            await store.delete("npc-0")
+            return young, first, again, queued, await store.active_before(time.time() + 1)
+        finally:
+            await pool.aclose()
+
+    young, first, again, queued, active = asyncio.run(go())
+    assert young == [] and first == ["npc-0"] and again == []
+    assert queued == [job_id("npc-0"), job_id("npc-1")]
+    assert active == ["npc-1", "npc-2"]

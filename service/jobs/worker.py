@@ -15,10 +15,12 @@ from arq.worker import Worker
 
 from service.jobs.prune_job import prune_device, prune_npc
 from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNERS, QUEUE, SERIALIZERS, WORKERS
+from service.jobs.reconcile import reconcile
 from service.settings import Settings
 
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = 15
+RECONCILE_EVERY = 12  # heartbeats: once a minute
 
 log = logging.getLogger(__name__)
 _RELEASE_OWN = """if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -38,6 +40,7 @@ def _device(settings) -> str:
 async def _heartbeat(ctx: dict) -> None:
     info = {"id": ctx["worker_id"], "host": socket.gethostname(), "pid": os.getpid(),
             "device": _device(ctx["settings"]), "started": time.time()}
+    beats = 0
     while True:
         try:
             now = time.time()
@@ -48,6 +51,9 @@ async def _heartbeat(ctx: dict) -> None:
                 p.zremrangebyscore(WORKERS, "-inf", now - 10 * HEARTBEAT_TTL)  # long gone
                 await p.execute()
             await reap_orphaned_jobs(ctx["redis"])
+            if beats % RECONCILE_EVERY == 0:
+                await reconcile(ctx["redis"])
+            beats += 1
         except Exception:  # Redis away for a moment: try again next beat
             log.warning("heartbeat failed", exc_info=True)
         await asyncio.sleep(HEARTBEAT_EVERY)

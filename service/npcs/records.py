@@ -17,7 +17,8 @@ INDEX = "npc:index"
 READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 TENANT_COUNTS = "npc:tenant_counts:{}"  # the same, per owner: what the per-tenant caps read
-COUNTED = "npc:counted_v2"  # set once the records were counted into all of the above
+ACTIVE = "npc:active"  # id -> when it was queued: NPCs queued or running, what the job reconciler reads
+COUNTED = "npc:counted_v3"  # set once the records were counted into all of the above
 COUNTS_RECHECK_S = 10.0
 PINS = "npc:pins"  # pinned NPC id -> owner: what the pin caps read
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
@@ -94,6 +95,8 @@ class NpcStore:
                     p.hincrby(tenant_key, rec["status"], 1)
                     if rec["status"] == "ready":
                         p.zadd(READY, {rec["id"]: now})
+                    elif rec["status"] in PROMPT_SERVABLE:
+                        p.zadd(ACTIVE, {rec["id"]: now})
                     await p.execute()
                     return rec
                 except WatchError:
@@ -141,6 +144,10 @@ class NpcStore:
                             p.zadd(READY, {npc_id: rec["updated"]})
                         elif old["status"] == "ready":
                             p.zrem(READY, npc_id)
+                        if rec["status"] in PROMPT_SERVABLE:
+                            p.zadd(ACTIVE, {npc_id: rec["updated"]}, nx=True)
+                        else:
+                            p.zrem(ACTIVE, npc_id)
                     await p.execute()
                     return rec
                 except WatchError:  # someone wrote in between: read again
@@ -158,6 +165,7 @@ class NpcStore:
                     p.delete(key, CARD.format(npc_id))
                     p.zrem(INDEX, npc_id)
                     p.zrem(READY, npc_id)
+                    p.zrem(ACTIVE, npc_id)
                     p.hdel(PINS, npc_id)
                     if raw is not None:
                         old = json.loads(raw)
@@ -213,6 +221,11 @@ class NpcStore:
         recs = await self._records(await self.r.zrangebyscore(READY, t, "+inf"))
         return [rec for rec in recs if rec["status"] == "ready"]
 
+    async def active_before(self, t: float, limit: int = 1000) -> list[str]:
+        """Ids of NPCs queued or running since before `t` (oldest first)."""
+        await self._ensure_counts()
+        return [_text(x) for x in await self.r.zrangebyscore(ACTIVE, "-inf", t, start=0, num=limit)]
+
     async def count_by_status(self) -> dict[str, int]:
         """Records per status: one HGETALL, whatever the number of records."""
         await self._ensure_counts()
@@ -231,6 +244,7 @@ class NpcStore:
         counts: dict[str, int] = {}
         tenants: dict[str, dict[str, int]] = {}
         ready: dict[str, float] = {}
+        active: dict[str, float] = {}
         pins: dict[str, str] = {}
         for rec in await self._records(await self.r.zrange(INDEX, 0, -1)):
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
@@ -238,6 +252,8 @@ class NpcStore:
             t[rec["status"]] = t.get(rec["status"], 0) + 1
             if rec["status"] == "ready":
                 ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
+            elif rec["status"] in PROMPT_SERVABLE:
+                active[rec["id"]] = rec["updated"]
             if rec.get("keep_alive") == -1:
                 pins[rec["id"]] = _owner(rec)
         # HSETNX: a concurrent first writer's increment is not overwritten
@@ -250,6 +266,8 @@ class NpcStore:
                     p.hsetnx(TENANT_COUNTS.format(owner), st, k)
             if ready:
                 p.zadd(READY, ready, nx=True)
+            if active:
+                p.zadd(ACTIVE, active, nx=True)
             for npc_id, owner in pins.items():
                 p.hsetnx(PINS, npc_id, owner)
             p.set(COUNTED, "1")
