@@ -85,20 +85,26 @@ def test_status_counts_follow_every_write_and_survive_an_upgrade(redis_url):
 
 
 def test_pages_and_the_ready_index(redis_url):
-    from service.npcs.records import COUNTS, READY
+    from service.npcs.records import COUNTED, COUNTS, READY, TENANT_INDEX
 
     async def body(store, r):
         for i in range(7):
             await store.create({"id": f"npc-{i}", "name": "N", "persona": "p", "owner": "a" if i % 2 else "b"})
         pages, after = [], None
         while True:
-            recs, more = await store.page(after, 2, lambda rec: rec["owner"] == "b")
+            recs, more = await store.page(after, 2, "b")  # b's own index: a's NPCs are never read
             pages.append([x["id"] for x in recs])
             if not more:
                 break
             after = recs[-1]["id"]
         with pytest.raises(KeyError):
             await store.page("npc-missing", 2)
+        with pytest.raises(KeyError):  # another tenant's NPC is no cursor
+            await store.page("npc-1", 2, "b")
+        everyone = [x["id"] for x in (await store.page(None, 10))[0]]
+        await store.delete("npc-2")
+        await r.delete(TENANT_INDEX.format("b"), COUNTED)  # as before tenants had their own index
+        b_rebuilt = [x["id"] for x in (await NpcStore(r).page(None, 10, "b"))[0]]
         await store.update("npc-3", status="ready", ready_at=1.0)
         t = (await store.get("npc-3"))["updated"]
         await store.create({"id": "npc-7", "name": "N", "persona": "p", "status": "ready"})
@@ -107,10 +113,11 @@ def test_pages_and_the_ready_index(redis_url):
         after_fail = [x["id"] for x in await store.ready_since(0)]
         await r.delete(COUNTS, READY)  # as before the index existed: rebuilt from the records by a new server
         await NpcStore(r).count_by_status()
-        return pages, newly, after_fail, [x["id"] for x in await store.ready_since(0)]
+        return pages, everyone, b_rebuilt, newly, after_fail, [x["id"] for x in await store.ready_since(0)]
 
-    pages, newly, after_fail, rebuilt = _with_store(redis_url, body)
+    pages, everyone, b_rebuilt, newly, after_fail, rebuilt = _with_store(redis_url, body)
     assert pages == [["npc-0", "npc-2"], ["npc-4", "npc-6"]]
+    assert everyone == [f"npc-{i}" for i in range(7)] and b_rebuilt == ["npc-0", "npc-4", "npc-6"]
     assert newly == ["npc-3", "npc-7"] and after_fail == ["npc-7"] and rebuilt == ["npc-7"]
 
 

@@ -184,7 +184,7 @@ async def list_npcs(who=Depends(deps.require_key), store=Depends(deps.store), se
                     after: str | None = Query(None, description="the last id of the previous page")) -> NpcList:
     """Your NPCs, oldest first, a page at a time (`has_more`, then `after=last_id`)."""
     try:
-        recs, more = await store.page(after, limit, who.owns)
+        recs, more = await store.page(after, limit, None if who.admin else who.tenant)
     except KeyError:
         raise ApiError(400, f"`after`: no NPC with id '{after}'", param="after") from None
     data = [public(r, settings.instant_npcs) for r in recs]

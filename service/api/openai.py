@@ -65,8 +65,8 @@ def _model(rec: dict) -> dict:
 
 @router.get("/models")
 async def list_models(who=Depends(deps.require_key), store=Depends(deps.store)) -> dict:
-    return {"object": "list",
-            "data": [_model(r) for r in await store.list() if r["status"] == "ready" and who.owns(r)]}
+    recs, _ = await store.page(None, 1000, None if who.admin else who.tenant, keep=lambda r: r["status"] == "ready")
+    return {"object": "list", "data": [_model(r) for r in recs]}
 
 
 @router.get("/models/{model_id}")

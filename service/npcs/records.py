@@ -14,11 +14,12 @@ from redis.exceptions import WatchError
 REC = "npc:rec:{}"
 CARD = "npc:card:{}"  # the character card an NPC was made from: read by its chats, not by listings
 INDEX = "npc:index"
+TENANT_INDEX = "npc:index:{}"  # the same, per owner: a tenant's pages do not walk other tenants' NPCs
 READY = "npc:ready"  # id -> when it became ready (the prewarm loop reads only the new ones)
 COUNTS = "npc:status_counts"  # status -> number of records, kept with every write (a /metrics scrape reads it)
 TENANT_COUNTS = "npc:tenant_counts:{}"  # the same, per owner: what the per-tenant caps read
 ACTIVE = "npc:active"  # id -> when it was queued: NPCs queued or running, what the job reconciler reads
-COUNTED = "npc:counted_v3"  # set once the records were counted into all of the above
+COUNTED = "npc:counted_v4"  # set once the records were counted into all of the above
 COUNTS_RECHECK_S = 10.0
 PINS = "npc:pins"  # pinned NPC id -> owner: what the pin caps read
 STATUSES = ("queued", "running", "ready", "failed", "cancelled")
@@ -91,6 +92,7 @@ class NpcStore:
                         p.set(CARD.format(rec["id"]), json.dumps(card))
                     p.set(REC.format(rec["id"]), json.dumps(rec))
                     p.zadd(INDEX, {rec["id"]: now})
+                    p.zadd(TENANT_INDEX.format(_owner(rec)), {rec["id"]: now})
                     p.hincrby(COUNTS, rec["status"], 1)
                     p.hincrby(tenant_key, rec["status"], 1)
                     if rec["status"] == "ready":
@@ -169,6 +171,7 @@ class NpcStore:
                     p.hdel(PINS, npc_id)
                     if raw is not None:
                         old = json.loads(raw)
+                        p.zrem(TENANT_INDEX.format(_owner(old)), npc_id)
                         p.hincrby(COUNTS, old["status"], -1)
                         p.hincrby(TENANT_COUNTS.format(_owner(old)), old["status"], -1)
                     n, *_ = await p.execute()
@@ -191,21 +194,21 @@ class NpcStore:
             out += [json.loads(raw) for raw in await self.r.mget(keys) if raw]
         return out
 
-    async def list(self, limit: int = 1000) -> list[dict]:
-        return await self._records(await self.r.zrange(INDEX, 0, limit - 1))
-
-    async def page(self, after: str | None, limit: int, keep=lambda rec: True) -> tuple[list[dict], bool]:
-        """Up to `limit` records that `keep` accepts, in creation order, after the NPC `after`; and
-        whether more follow. KeyError: `after` is no NPC."""
+    async def page(self, after: str | None, limit: int, owner: str | None = None,
+                   keep=lambda rec: True) -> tuple[list[dict], bool]:
+        """Up to `limit` records (of `owner`; None: everyone's) that `keep` accepts, in creation order,
+        after the NPC `after`; and whether more follow. KeyError: `after` is no NPC of theirs."""
+        await self._ensure_counts()
+        index = INDEX if owner is None else TENANT_INDEX.format(owner)
         start = 0
         if after is not None:
-            rank = await self.r.zrank(INDEX, after)
+            rank = await self.r.zrank(index, after)
             if rank is None:
                 raise KeyError(after)
             start = rank + 1
         out: list[dict] = []
         while len(out) <= limit:
-            ids = await self.r.zrange(INDEX, start, start + 255)
+            ids = await self.r.zrange(index, start, start + 255)
             if not ids:
                 break
             start += len(ids)
@@ -243,6 +246,7 @@ class NpcStore:
         fresh = not await self.r.exists(COUNTS)
         counts: dict[str, int] = {}
         tenants: dict[str, dict[str, int]] = {}
+        owned: dict[str, dict[str, float]] = {}
         ready: dict[str, float] = {}
         active: dict[str, float] = {}
         pins: dict[str, str] = {}
@@ -250,6 +254,7 @@ class NpcStore:
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
             t = tenants.setdefault(_owner(rec), {})
             t[rec["status"]] = t.get(rec["status"], 0) + 1
+            owned.setdefault(_owner(rec), {})[rec["id"]] = rec["created"]
             if rec["status"] == "ready":
                 ready[rec["id"]] = rec.get("ready_at") or rec["updated"]
             elif rec["status"] in PROMPT_SERVABLE:
@@ -268,6 +273,8 @@ class NpcStore:
                 p.zadd(READY, ready, nx=True)
             if active:
                 p.zadd(ACTIVE, active, nx=True)
+            for owner, ids in owned.items():
+                p.zadd(TENANT_INDEX.format(owner), ids, nx=True)
             for npc_id, owner in pins.items():
                 p.hsetnx(PINS, npc_id, owner)
             p.set(COUNTED, "1")
