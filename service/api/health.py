@@ -6,8 +6,6 @@ without NPC ids (jobs, queue, engines, the `_other` bucket)."""
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -15,7 +13,6 @@ from prometheus_client.metrics_core import Metric
 from service import metrics
 from service.api import deps
 from service.jobs.queue import live_workers, queue_depth
-from service.npcs.records import REC
 
 router = APIRouter(tags=["health"])
 
@@ -51,14 +48,7 @@ class _Visible:
 
 async def _owned(store, who: deps.Principal) -> set[str]:
     """The NPC ids among the metric labels that `who` owns."""
-    ids = sorted(metrics.labelled_npcs())
-    owned = set()
-    for start in range(0, len(ids), 256):
-        chunk = ids[start:start + 256]
-        for npc_id, raw in zip(chunk, await store.r.mget([REC.format(i) for i in chunk])):
-            if raw and who.owns(json.loads(raw)):
-                owned.add(npc_id)
-    return owned
+    return {rec["id"] for rec in await store.records(sorted(metrics.labelled_npcs())) if who.owns(rec)}
 
 
 @router.get("/metrics")

@@ -186,7 +186,7 @@ class NpcStore:
         raw = await self.r.get(CARD.format(rec["id"]))
         return json.loads(raw) if raw else None
 
-    async def _records(self, ids) -> list[dict]:
+    async def records(self, ids) -> list[dict]:
         """The records of these ids that still exist, in order (MGET in batches)."""
         out = []
         for start in range(0, len(ids), 256):
@@ -212,7 +212,7 @@ class NpcStore:
             if not ids:
                 break
             start += len(ids)
-            for rec in await self._records(ids):
+            for rec in await self.records(ids):
                 if keep(rec):
                     out.append(rec)
                     if len(out) > limit:
@@ -221,7 +221,7 @@ class NpcStore:
 
     async def ready_since(self, t: float) -> list[dict]:
         """The records of NPCs that became ready at or after `t` (0: every ready NPC)."""
-        recs = await self._records(await self.r.zrangebyscore(READY, t, "+inf"))
+        recs = await self.records(await self.r.zrangebyscore(READY, t, "+inf"))
         return [rec for rec in recs if rec["status"] == "ready"]
 
     async def active_before(self, t: float, limit: int = 1000) -> list[str]:
@@ -250,7 +250,7 @@ class NpcStore:
         ready: dict[str, float] = {}
         active: dict[str, float] = {}
         pins: dict[str, str] = {}
-        for rec in await self._records(await self.r.zrange(INDEX, 0, -1)):
+        for rec in await self.records(await self.r.zrange(INDEX, 0, -1)):
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
             t = tenants.setdefault(_owner(rec), {})
             t[rec["status"]] = t.get(rec["status"], 0) + 1
