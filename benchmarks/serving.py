@@ -64,8 +64,10 @@ def system_prompt(npc: dict) -> str:
 # -- NPC checkpoints ---------------------------------------------------------------
 
 
-def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], personas: str = "short") -> list[dict]:
-    """n NPCs at sparsities[0] with different personas, plus one at each other sparsity."""
+def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], personas: str = "short",
+              core: Path | None = None) -> list[dict]:
+    """n NPCs at sparsities[0] with different personas, plus one at each other sparsity (with `core`:
+    each NPC's channels chosen within that core, its compact form over it, as a server on it prunes)."""
     import torch
     from safetensors.torch import save_file
 
@@ -75,9 +77,14 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], pers
     from pruning.methods import PruneContext, get_method
     from pruning.model_io import load_model
 
+    from pruning.core import allowed_masks, read_core, to_core_indexing
+
     model, tok = load_model(base, dtype=torch.float32)
     dense = model.config.intermediate_size
-    base_sha = checkpoint_sha256(base)
+    info = read_core(core) if core else None
+    allowed = allowed_masks(info, dense) if info else None
+    home = core or base  # what the compact form indexes
+    base_sha = checkpoint_sha256(home)
     calib = calibration_prompts(2)  # enough to make the NPCs differ; what is measured is serving
     score = get_method("activation-prompt")
     specs = [(i, sparsities[0]) for i in range(n)] + [(n + j, s) for j, s in enumerate(sparsities[1:])]
@@ -85,22 +92,28 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], pers
     for i, sp in specs:
         d = out / f"npc{i:02d}"
         npc = {"i": i, "sparsity": sp, "dir": d, "persona": persona(i, personas), "name": f"Bench {i}"}
-        if (d / MANIFEST).is_file() and Manifest.read(d).get("persona") == npc["persona"]:
+        if (d / MANIFEST).is_file() and Manifest.read(d).get("persona") == npc["persona"] \
+                and Manifest.read(d).base_sha256 == base_sha:
             npcs.append(npc)  # kept from an earlier run (--workdir)
             continue
         with torch.no_grad():
             scores = score(model, tok, PruneContext(persona=npc["persona"], calibration=calib, seed=i))
+        if allowed is not None:
+            scores = [x.float().masked_fill(~a, float("-inf")) for x, a in zip(scores, allowed)]
         kept = select_kept(scores, keep_count(dense, sp))
+        if info is not None:
+            kept = [torch.tensor(r) for r in to_core_indexing(kept, info)]
         d.mkdir(parents=True, exist_ok=True)
-        save_file(materialize(base, kept), str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(materialize(home, kept), str(d / "model.safetensors"), metadata={"format": "pt"})
         for f in base.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != MANIFEST:
                 shutil.copy(f, d / f.name)
         cfg = json.loads((base / "config.json").read_text())
         cfg["intermediate_size"] = len(kept[0])
         (d / "config.json").write_text(json.dumps(cfg))
-        Manifest({"format": "npc-pruned/1", "base_model": str(base), "base_sha256": base_sha,
-                  "method": "activation-prompt", "sparsity": sp, "dense_intermediate_size": dense,
+        Manifest({"format": "npc-pruned/1", "base_model": str(home), "base_sha256": base_sha,
+                  "method": "activation-prompt", "sparsity": sp,
+                  "dense_intermediate_size": len(info.kept[0]) if info else dense,
                   "intermediate_size": len(kept[0]), "kept_indices": kept_to_json(kept),
                   "persona": npc["persona"], "created": time.time()}).seal(d)
         npcs.append(npc)
@@ -328,7 +341,8 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
     slots = int(config.removeprefix("mixed-").split("-")[0])
     env = {"NPC_REDIS_URL": redis_url, "NPC_ENGINE_SLOTS": str(slots), "NPC_MAX_ENGINES": str(slots),
            "NPC_MAX_WAITING": "256", "NPC_CPU_BIND": "false" if config.endswith("nobind") else "true",
-           "NPC_MIXED_BATCHES": "1" if mixed else "0", "NPC_INSTANT_NPCS": "1" if mixed else "0"}
+           "NPC_MIXED_BATCHES": "1" if mixed else "0", "NPC_INSTANT_NPCS": "1" if mixed else "0",
+           "NPC_CORE_SPARSITY": str(args.core)}
     srv = Server(tmp / f"serve-{config}", models, extra_env=env).start()
     try:
         ids = [n["id"] for n in npcs if n["sparsity"] == args.sparsities[0]]
@@ -405,6 +419,9 @@ def main() -> None:
                     help="(c) without a first unmeasured request to every NPC: first contacts included")
     ap.add_argument("--rounds", type=int, default=5, help="decode rounds per engine in (a)")
     ap.add_argument("--sparsities", default="0.25,0.5")
+    ap.add_argument("--core", type=float, default=0.0,
+                    help="serve on the base's shared core at this sparsity (NPC_CORE_SPARSITY): NPCs are cut "
+                         "within it and the mixed engines run it; --sparsities must be at or above it")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the pruned NPCs here for the next run")
     ap.add_argument("--no-doc", dest="doc", action="store_false", help="print only; leave docs/ as it is")
@@ -421,7 +438,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         t = time.time()
-        npcs = make_npcs(base, (args.workdir or tmp) / "npcs", max(32, *args.npcs), args.sparsities, args.personas)
+        core = None
+        if args.core:
+            from service.basemodels import ensure_core
+
+            core = ensure_core(base, models, args.core)
+        npcs = make_npcs(base, (args.workdir or tmp) / "npcs", max(32, *args.npcs), args.sparsities, args.personas,
+                         core)
         print(f"pruned {len(npcs)} NPCs in {time.time() - t:.0f}s", flush=True)
 
         decode = {}
@@ -439,7 +462,8 @@ def main() -> None:
             proc, redis_url = redis_embedded.start(tmp / "redis")
             try:
                 # only the main shape: another shape's prewarmed engine would take one of the slots
-                asyncio.run(register(redis_url, [n for n in npcs if n["sparsity"] == args.sparsities[0]], base))
+                asyncio.run(register(redis_url, [n for n in npcs if n["sparsity"] == args.sparsities[0]],
+                                     core or base))
                 serve += [serve_runs(models, redis_url, tmp, npcs, s, args) for s in args.slots.split(",")]
             finally:
                 redis_embedded.stop(proc)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import ROOT, default_base
-from benchmarks.specificity_report import write_report
+from benchmarks.specificity_report import KINDS, write_report
 from pruning.checkpoint import keep_count, select_kept
 from pruning.datasets import load_reference_personas
 from pruning.eval.metrics import Evaluator, load_eval_file
@@ -127,6 +127,18 @@ class Run:
         scales = None if res.scales is None else [x.float().cpu() for x in res.scales]
         return [s.float().cpu() for s in res.scores], scales, {"examples": n, "learn_s": round(res.seconds, 1)}
 
+    def core_mask(self, core_dir: str):
+        """The kept channels of a core (`npc models core`) as scores whose top-k they are."""
+        from pruning.core import read_core
+
+        info = read_core(core_dir)
+        if info is None or abs(info.sparsity - self.a.sparsity) > 1e-9:
+            raise SystemExit(f"--core {core_dir}: not a core at sparsity {self.a.sparsity}")
+        scores = [torch.zeros(self.model.config.intermediate_size) for _ in info.kept]
+        for s, row in zip(scores, info.kept):
+            s[list(row)] = 1.0
+        return scores, None, {"core": str(core_dir)}
+
     def own_set_size(self) -> int:
         with persona_examples(self.model, self.tok, self.ctx(self.personas[0])) as (_, examples, _, _):
             return len(examples)
@@ -199,7 +211,7 @@ def summarize(run: Run) -> dict:
         return None if c is None else (statistics.fmean(c["margins"]) if key == "margin" else c[key])
 
     done = [u for u in ps if (f"own:{u}", u) in cells]
-    kinds = ("global", "global-all", "neutral")
+    kinds = KINDS
     rows = {}
     for u in done:
         others = [f"own:{v}" for v in done if v != u and (f"own:{v}", u) in cells]
@@ -278,6 +290,8 @@ def main() -> None:
                     help="synthetic sets (shared with benchmarks.quality)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--core", default=None, help="also a row for this core directory's mask (at --sparsity)")
+    ap.add_argument("--only-core", action="store_true", help="learn no new mask: add the core's row to what is cached")
     import sys
     a = ap.parse_args()
     a.cmdline = " ".join(sys.argv[1:])
@@ -288,7 +302,9 @@ def main() -> None:
     def budget_left() -> bool:
         return not a.budget_s or time.time() - t0 < a.budget_s
 
-    if not a.report_only:
+    if a.core:
+        run.row("core", lambda: run.core_mask(a.core))
+    if not a.report_only and not a.only_core:
         # every persona's synthetic set first: the global masks need them all
         for u in run.personas:
             if budget_left() and run.stored(f"own:{u}")[1] is None:

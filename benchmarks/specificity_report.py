@@ -7,7 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
-KINDS = ("global", "global-all", "neutral")
+KINDS = ("global", "global-all", "neutral", "core")  # the masks every persona is compared with
 
 
 def _columns(run, ps) -> list[str]:
@@ -73,7 +73,9 @@ def write_report(run, s: dict, out: Path, seconds: float) -> None:
          "questions; **KL**: persona KL to the dense base on its answers to the same questions.", "",
          "Masks: `own:v` persona v's persona-pruner mask; `global` one mask learned on all personas' synthetic "
          "sets combined, as many examples in all as one persona's set; `global-all` every example of every set; "
-         "`neutral` the method run for a plain assistant prompt. Channel scales included, as export folds them.", "",
+         "`neutral` the method run for a plain assistant prompt; `core` the base's shared core (`npc models core`: one "
+         "mask learned on the shipped reference personas, none of them these), no scales. Channel scales included, "
+         "as export folds them.", "",
          "## Verdict", ""]
     n, sd = s["compared"], s["seed_sd"]
     L.append(f"- Personas with their own mask and a full row: {len(s['personas'])} ({n} compared with the "
@@ -83,14 +85,16 @@ def write_report(run, s: dict, out: Path, seconds: float) -> None:
     L.append(f"- Mean judge margin (mnats/token): dense {_m(s['dense_margin'])}, own mask {_m(s['mean_margin'])}, "
              f"other personas' masks {_m(s['mean_margin_others_mean'])} (the best other per row "
              f"{_m(s['mean_margin_others_best'])}), global {_m(s.get('mean_margin_global'))}, global-all "
-             f"{_m(s.get('mean_margin_global-all'))}, neutral {_m(s.get('mean_margin_neutral'))}.")
+             f"{_m(s.get('mean_margin_global-all'))}, neutral {_m(s.get('mean_margin_neutral'))}, "
+             f"core {_m(s.get('mean_margin_core'))}.")
     L.append(f"- Median retention: own {_f(s['median_retention'])}, other personas' masks "
              f"{_f(s['median_retention_others_mean'])}, global {_f(s.get('median_retention_global'))}, "
-             f"global-all {_f(s.get('median_retention_global-all'))}, neutral {_f(s.get('median_retention_neutral'))} "
+             f"global-all {_f(s.get('median_retention_global-all'))}, neutral {_f(s.get('median_retention_neutral'))}, "
+             f"core {_f(s.get('median_retention_core'))} "
              "(a median: where the dense margin is near 0 a ratio explodes).")
     L.append(f"- Mean persona KL: own {_f(s['mean_kl'])}, the best other persona's mask {_f(s['mean_kl_others_best'])}, "
              f"global {_f(s.get('mean_kl_global'))}, global-all {_f(s.get('mean_kl_global-all'))}, "
-             f"neutral {_f(s.get('mean_kl_neutral'))}.")
+             f"neutral {_f(s.get('mean_kl_neutral'))}, core {_f(s.get('mean_kl_core'))}.")
     for g in KINDS:
         if f"own_minus_{g}" in s:
             d = s[f"own_minus_{g}"]

@@ -199,14 +199,26 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
     dropped_layers: list[int] | None = None,
     scales: list[torch.Tensor] | None = None,
+    within=None,
 ) -> Path:
     """Prune `model` in place and write HF safetensors + config + manifest atomically.
 
     Channel pruning keeps `kept` per layer; depth pruning drops `dropped_layers` (then
     `kept` may be None: the remaining blocks keep every channel). `scales` (per layer, kept
     order) are recorded for the compact form; the caller has folded them into `model`
-    already (`fold_scales`), so that what it evaluates or recovers is what is exported."""
+    already (`fold_scales`), so that what it evaluates or recovers is what is exported.
+    `within` (a `pruning.core.CoreInfo`): `kept` lies inside that core, and the compact form is
+    written over the core (its dir, its sha256, positions in it), so engines running the core
+    serve this checkpoint; the weights written are the same."""
     base_dir = Path(base_dir)
+    compact = {}
+    if within is not None and kept is not None:
+        from pruning.core import to_core_indexing
+
+        compact = {"base_model": str(Path(within.core_dir).resolve()), "base_sha256": within.sha256,
+                   "kept_indices": to_core_indexing(kept, within), "dense_intermediate_size": len(within.kept[0]),
+                   "core": {"dense_base": str(within.dense_dir.resolve()), "dense_sha256": within.dense_sha256,
+                            "sparsity": within.sparsity}}
     dense_size = model.config.intermediate_size
     dense_layers = model.config.num_hidden_layers
     if dropped_layers:
@@ -235,6 +247,7 @@ def export_checkpoint(
             "persona": persona,
             "created": time.time(),
             **(extra or {}),
+            **compact,
         }).seal(tmp)  # every file's digest, so a loader can refuse a corrupt or incomplete copy
 
     return write_atomic_dir(out_dir, fill)

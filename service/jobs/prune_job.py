@@ -107,6 +107,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     fenced: list[int] = []
     watcher = asyncio.create_task(_watch(store, npc_id, mine, cancel, fenced))
     try:
+        from pruning.core import dense_of
         from pruning.model_io import resolve_base
         from pruning.prune import prune
 
@@ -126,7 +127,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
                 from pruning.eval.run import quick_eval
 
                 summary["metrics"] = await asyncio.to_thread(
-                    quick_eval, base, out, rec["persona"], system,
+                    quick_eval, dense_of(base), out, rec["persona"], system,
                     progress=lambda f: progress(span + (1 - span) * f * 0.99, "evaluating"))
             return summary
 

@@ -49,7 +49,7 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
         cfg = learn_config(opts, ctx.seed)
         ctx.stage("learning")
         res = learn_scores(work, tok, examples, k, cfg, progress=lambda f: ctx.progress(0.4 + 0.6 * f),
-                           log_every=int(opts.get("log_every") or 0))
+                           log_every=int(opts.get("log_every") or 0), allowed=ctx.allowed)
     h = res.history
     info.update(profile=opts["profile"], variant=cfg.variant, steps=cfg.steps, examples=len(examples),
                 learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),

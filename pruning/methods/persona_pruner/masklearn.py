@@ -48,6 +48,9 @@ from pruning.options import MaskLearnConfig
 from pruning.prefix_forward import Example, channel_mask, forward_suffixes, logp_at, prefix_kv, shared_prompt_len
 
 
+FORBIDDEN = -1e4  # the initial score of a channel the mask may not keep
+
+
 def _hard_topk(s: torch.Tensor, k: int) -> torch.Tensor:
     """(L, C) 0/1 mask of the k largest per row (ties broken by index, deterministic)."""
     idx = torch.topk(s, k, dim=-1, sorted=False).indices
@@ -174,7 +177,7 @@ class MaskTrainer:
 
     def __init__(self, model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  init_scores: list[torch.Tensor] | None = None, dense: DenseTargets | None = None,
-                 progress: Callable[[float], None] = lambda f: None):
+                 progress: Callable[[float], None] = lambda f: None, allowed: torch.Tensor | None = None):
         """`dense`: targets from an earlier `dense_pass` over the same examples (then `init_scores`
         is required): trainers that differ only in their settings share one pass."""
         if not examples:
@@ -206,6 +209,8 @@ class MaskTrainer:
                 fisher = fisher_diag(model, tok, examples, 0 if cfg.prefix_grad else self.P, cfg.batch_size,
                                      dense=self.dense, sampled=cfg.fisher_target == "sampled", generator=self.gen)
             init = initial_scores(model, acts, cfg.init, cfg.seed, fisher, cfg.fisher_weight)
+        if allowed is not None:  # far below any reachable score: Adam moves a score by ~lr a step
+            init = init.masked_fill(~allowed.to(init.device), FORBIDDEN)
         self.init = init
         self.sc = ChannelScores(init, k, cfg)
         self.opt = torch.optim.Adam([self.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -260,11 +265,13 @@ class MaskTrainer:
 
 def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  progress: Callable[[float], None] = lambda f: None, log_every: int = 0,
-                 init_scores: list[torch.Tensor] | None = None) -> LearnResult:
-    """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher."""
+                 init_scores: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None) -> LearnResult:
+    """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher
+    (`allowed`: (L, C) bool, the only channels the mask may keep)."""
     t0 = time.time()
     with frozen(model):
-        tr = MaskTrainer(model, tok, examples, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f))
+        tr = MaskTrainer(model, tok, examples, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f),
+                         allowed=allowed)
         total = cfg.steps + cfg.scale_steps
         for step in range(total):
             if step == cfg.steps:
