@@ -102,15 +102,16 @@ async def run(config: str, base: Path, rounds: int) -> dict:
         out = await load(engine, prompts, loras, 48, rounds)
     finally:
         engine.shutdown()
-    return {"config": name, "prompt_tokens": [len(p) for p in prompts], **out}
+    return {"config": name, "base": base.name, "prompt_tokens": [len(p) for p in prompts], **out}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="plain,plain-bound,mask,mask-lora")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--base", type=Path, default=None, help="another model dir, e.g. a core (npc models core)")
     args = ap.parse_args()
-    base = default_models_dir() / DEFAULT_BASE
+    base = args.base or default_models_dir() / DEFAULT_BASE
     for config in args.configs.split(","):
         print("PROBE", json.dumps(asyncio.run(run(config, base, args.rounds))), flush=True)
 
