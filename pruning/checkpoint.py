@@ -217,7 +217,8 @@ def export_checkpoint(
 
         compact = {"base_model": str(Path(within.core_dir).resolve()), "base_sha256": within.sha256,
                    "kept_indices": to_core_indexing(kept, within), "dense_intermediate_size": len(within.kept[0]),
-                   "core": {"dense_base": str(within.dense_dir.resolve()), "dense_sha256": within.dense_sha256,
+                   # not "core": that key makes a directory a core (pruning.core.read_core)
+                   "within_core": {"dense_base": str(within.dense_dir.resolve()), "dense_sha256": within.dense_sha256,
                             "sparsity": within.sparsity}}
     dense_size = model.config.intermediate_size
     dense_layers = model.config.num_hidden_layers

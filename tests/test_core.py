@@ -53,7 +53,8 @@ def _check_within(core, out: Path) -> None:
     from the core's weights gives its own weights exactly."""
     m = Manifest.read(out)
     assert m.base_model == str(core.core_dir.resolve()) and m.base_sha256 == core.sha256
-    assert m.data["core"]["dense_sha256"] == core.dense_sha256
+    assert m.data["within_core"]["dense_sha256"] == core.dense_sha256
+    assert read_core(out) is None  # an NPC of a core is not a core itself
     kept = m.kept_indices
     assert all(0 <= i < len(core.kept[0]) for row in kept for i in row)
     assert all(row == sorted(set(row)) for row in kept)
