@@ -77,7 +77,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], pers
     from pruning.methods import PruneContext, get_method
     from pruning.model_io import load_model
 
-    from pruning.core import allowed_masks, read_core, to_core_indexing
+    from pruning.core import allowed_masks, inside, read_core, to_core_indexing
 
     model, tok = load_model(base, dtype=torch.float32)
     dense = model.config.intermediate_size
@@ -99,7 +99,7 @@ def make_npcs(base: Path, out: Path, n: int, sparsities: tuple[float, ...], pers
         with torch.no_grad():
             scores = score(model, tok, PruneContext(persona=npc["persona"], calibration=calib, seed=i))
         if allowed is not None:
-            scores = [x.float().masked_fill(~a, float("-inf")) for x, a in zip(scores, allowed)]
+            scores = inside(scores, allowed)
         kept = select_kept(scores, keep_count(dense, sp))
         if info is not None:
             kept = [torch.tensor(r) for r in to_core_indexing(kept, info)]

@@ -102,6 +102,11 @@ def allowed_masks(info: CoreInfo, size: int):
     return allowed
 
 
+def inside(scores: list, allowed) -> list:
+    """Per-layer scores with every channel outside the core at -inf: any top-k stays inside it."""
+    return [s.float().masked_fill(~a, float("-inf")) for s, a in zip(scores, allowed)]
+
+
 def to_core_indexing(kept: list, info: CoreInfo) -> list[list[int]]:
     """Dense channel indices (a subset of the core's, per layer) -> positions in the core."""
     out = []

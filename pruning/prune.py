@@ -11,7 +11,7 @@ import torch
 
 from pruning import PruneError
 from pruning.checkpoint import drop_layers_inplace, export_checkpoint, fold_scales, keep_count, kept_scales, select_kept
-from pruning.core import allowed_masks, read_core
+from pruning.core import allowed_masks, inside, read_core
 from pruning.datasets import calibration_prompts
 from pruning.methods.persona_pruner.data import base_identity, build_dataset, default_cache_dir, rows_to_examples
 from pruning.methods.registry import LayerScores, PruneContext, get_method, layers_to_drop
@@ -103,7 +103,7 @@ def prune(
     if isinstance(scores, LayerScores) and core is not None:
         raise PruneError("depth pruning drops whole blocks and cannot run within a core; use the dense base")
     if core is not None:  # every method's top-k, learned or not, stays inside the core
-        scores = [s.float().masked_fill(~a, float("-inf")) for s, a in zip(scores, ctx.allowed)]
+        scores = inside(scores, ctx.allowed)
     if isinstance(scores, LayerScores):
         dropped = layers_to_drop(model, scores, sparsity)
         kept = None
