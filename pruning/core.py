@@ -87,11 +87,6 @@ def dense_of(base_dir: str | Path) -> Path:
     return Path(base_dir) if info is None else info.dense_dir
 
 
-def inner_sparsity(total: float, core: float) -> float:
-    """The share of the core's channels an NPC of total sparsity `total` drops."""
-    return 1 - (1 - total) / (1 - core)
-
-
 def allowed_masks(info: CoreInfo, size: int):
     """(L, C) bool: True where the core keeps the dense channel."""
     import torch
