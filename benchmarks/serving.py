@@ -334,19 +334,47 @@ def instant_ttft(srv: Server, n: int) -> list[float]:
     return out
 
 
+def promote(srv: Server, ids: list[str], args, timeout: float = 300) -> list[str]:
+    """Drive this load until the server has given a busy NPC its own engine, or for three rounds if
+    no NPC is busy enough to be promoted (many NPCs share the clients); the NPCs hot at the end."""
+    def hot(ready: bool) -> list[str]:
+        return [e["npc"] for e in httpx.get(srv.url + "/v1/engines").json()["data"]
+                if e["mode"] == "hot" and (e["state"] == "serving" or not ready)]
+
+    deadline, rounds = time.time() + timeout, 0
+    while time.time() < deadline and not hot(ready=True) and (rounds < 3 or hot(ready=False)):
+        asyncio.run(client_load(srv.url, [(i, None) for i in ids], "round-robin", 4 * args.concurrency,
+                                args.concurrency, args.max_tokens))
+        rounds += 1
+    return hot(ready=True)
+
+
 def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config: str, args) -> dict:
     """config: a slot count of swap engines, "-nobind" appended for vLLM's own CPU binding (every
-    engine on core 0); "mixed-N": N mask engines, every NPC in the same batches (NPC_MIXED_BATCHES)."""
+    engine on core 0); "mixed-N": N mask engines, every NPC in the same batches (NPC_MIXED_BATCHES);
+    "-hot" appended: a busy NPC is promoted to an engine of its own (NPC_HOT_NPCS=1; "-hotc": that
+    engine with torch.compile), and each load is measured once the promotion has happened."""
     mixed = config.startswith("mixed-")
     slots = int(config.removeprefix("mixed-").split("-")[0])
+    hot = "-hot" in config
     env = {"NPC_REDIS_URL": redis_url, "NPC_ENGINE_SLOTS": str(slots), "NPC_MAX_ENGINES": str(slots),
            "NPC_MAX_WAITING": "256", "NPC_CPU_BIND": "false" if config.endswith("nobind") else "true",
            "NPC_MIXED_BATCHES": "1" if mixed else "0", "NPC_INSTANT_NPCS": "1" if mixed else "0",
-           "NPC_CORE_SPARSITY": str(args.core)}
+           "NPC_CORE_SPARSITY": str(args.core), "NPC_HOT_NPCS": "1" if hot else "0",
+           "NPC_HOT_COMPILE": "1" if config.endswith("-hotc") else "0", "NPC_HOT_AFTER_S": "5"}
     srv = Server(tmp / f"serve-{config}", models, extra_env=env).start()
     try:
         ids = [n["id"] for n in npcs if n["sparsity"] == args.sparsities[0]]
         wait_engines(srv, slots)
+        if hot:
+            res = {"slots": config, "runs": []}
+            for n_npcs, pattern in loads(args):
+                promoted = promote(srv, ids[:n_npcs], args)
+                res["runs"] += run_loads(srv.url, [(i, None) for i in ids[:n_npcs]],
+                                         argparse.Namespace(**{**vars(args), "npcs": {n_npcs}, "patterns": {pattern}}),
+                                         config, srv.proc.pid)
+                res["runs"][-1]["hot"] = promoted
+            return res
         res = {"slots": config, "runs": []}
         if "b" in args.sections:  # cold first token: NPCs not in any slot (the first `slots` may hold prewarmed ones)
             res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])

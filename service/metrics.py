@@ -59,3 +59,11 @@ STAGE_DURATION = Histogram("npc_job_stage_duration_seconds", "Pruning job stage 
                            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
 QUEUE_DEPTH = Gauge("npc_queue_depth", "Jobs waiting in the Redis queue")
 WORKERS_LIVE = Gauge("npc_workers_live", "Workers with a fresh heartbeat")
+HOT = Gauge("npc_hot", "1 while the NPC serves from an engine of its own (hot), else 0", ["npc"])
+ENGINES = Gauge("npc_engines", "Engines running, by mode (mixed, swap, hot: one hot NPC's own)", ["mode"])
+HOT_SWITCHES = Counter("npc_hot_switches", "Hot NPCs moved to their own engine (promote) or back (demote)",
+                       ["direction"])
+for _mode in ("mixed", "swap", "hot"):
+    ENGINES.labels(mode=_mode)
+for _direction in ("promote", "demote"):
+    HOT_SWITCHES.labels(direction=_direction)

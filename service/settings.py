@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from typing import Annotated, Literal
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +55,15 @@ class Settings(BaseSettings):
                                "while its prune runs; the pruned model takes over between requests when ready")
     mixed_batches: bool = Field(True, description="serve compact NPCs of one base from one engine, "
                                 "their requests batched together (dense FFN + per-token channel masks)")
+    hot_npcs: int = Field(1, ge=0, description="NPCs that may each have an engine of their own at once (hot: "
+                          "sustained concurrent load), beyond NPC_MAX_ENGINES, ~2 GiB each; 0: never")
+    hot_promote_at: float = Field(4.0, gt=0, description="mean requests in flight over NPC_HOT_AFTER_S that "
+                                  "make an NPC hot")
+    hot_demote_at: float = Field(1.0, ge=0, description="a hot NPC whose mean in flight over NPC_HOT_IDLE_S is "
+                                 "below this returns to the mixed engine")
+    hot_after_s: float = Field(10.0, ge=1, description="seconds of sustained load before an NPC is promoted")
+    hot_idle_s: float = Field(60.0, ge=1, description="seconds of low load before a hot NPC is demoted")
+    hot_compile: bool = Field(False, description="hot engines run vLLM's torch.compile (no LoRA there)")
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
     mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
     tenant_max_npcs: int = Field(1000, ge=1, description="NPC records one API key may hold (admin keys: no cap)")
@@ -74,6 +83,13 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(None, description="port of a worker's /metrics; unset: none")
     max_npc_labels: int = Field(500, ge=1, description="NPCs with their own metric labels; the rest: _other")
     prewarm: bool = Field(True, description="start an engine as soon as an NPC of a new shape is ready")
+
+    @model_validator(mode="after")
+    def _hysteresis(self):
+        if self.hot_demote_at >= self.hot_promote_at:
+            raise ValueError(f"NPC_HOT_DEMOTE_AT ({self.hot_demote_at}) must be below NPC_HOT_PROMOTE_AT "
+                             f"({self.hot_promote_at}): an NPC would be promoted and demoted at once")
+        return self
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

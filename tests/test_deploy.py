@@ -64,6 +64,9 @@ DASHBOARD_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "npc_job_stage_duration_seconds": ("histogram", frozenset({"stage"})),
     "npc_queue_depth": ("gauge", frozenset()),
     "npc_workers_live": ("gauge", frozenset()),
+    "npc_hot": ("gauge", frozenset({"npc"})),
+    "npc_engines": ("gauge", frozenset({"mode"})),
+    "npc_hot_switches_total": ("counter", frozenset({"direction"})),
 }
 REQUEST_STATUSES = {"ok", "error", "rejected"}
 # labels Prometheus adds at scrape time

@@ -93,7 +93,7 @@ def test_mixed_output_equals_a_fresh_engine_of_the_checkpoint(mixed, which):
     assert_serves_its_checkpoint(srv, ids[which])
 
 
-def assert_serves_its_checkpoint(srv, npc_id: str) -> None:
+def assert_serves_its_checkpoint(srv, npc_id: str, tie: float = 0.1) -> None:
     """The NPC's greedy tokens through the server are a fresh engine's on its exported checkpoint,
     up to the first position where the two engines' top two tokens are a near-tie. The two sum the
     same products in a different GEMM order (1536 channels with zeros vs the kept ones), so a tie
@@ -116,7 +116,7 @@ def assert_serves_its_checkpoint(srv, npc_id: str) -> None:
         return
     for token, top in (served[i], fresh[i]):
         first, second = sorted(top.values(), reverse=True)[:2]
-        assert first - second < 0.1, (i, served[i], fresh[i])  # a near-tie, not a different model
+        assert first - second < tie, (i, served[i], fresh[i])  # a near-tie, not a different model
     assert served[i][0] in fresh[i][1] and fresh[i][0] in served[i][1], (i, served[i], fresh[i])
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 
 from service import metrics
+from service.engines.hot import HotStrategy
 from service.engines.launch import pick_core, start_engine
 from service.engines.mixed import MaskSlot, MixedStrategy
 from service.engines.residency import Residency
@@ -33,6 +35,7 @@ class EnginePool:
         self.residency = Residency(settings.keep_alive)
         self.swap = SwapStrategy(self)
         self.mixed = MixedStrategy(self)
+        self.hot = HotStrategy(self)
 
     def strategy(self, slot: Slot) -> SwapStrategy | MixedStrategy:
         return self.mixed if isinstance(slot, MaskSlot) else self.swap
@@ -45,11 +48,20 @@ class EnginePool:
 
     # -- serving ----------------------------------------------------------------
 
-    def serving(self, w: NpcWeights, keep_alive: float | None = None):
-        """An async context yielding the engine that serves this NPC until exit."""
-        if self.mixed.applies(w):
-            return self.mixed.serving(w, keep_alive)
-        return self.swap.serving(w, keep_alive)
+    @asynccontextmanager
+    async def serving(self, w: NpcWeights, keep_alive: float | None = None):
+        """An async context yielding the engine that serves this NPC until exit: its own engine
+        while it is hot, else a mixed engine of its base, else a swap engine of its shape."""
+        with self.hot.track(w):
+            hot = self.hot.slot_for(w)
+            if hot is not None:
+                lease = self.hot.serving(hot)
+            elif self.mixed.applies(w):
+                lease = self.mixed.serving(w, keep_alive)
+            else:
+                lease = self.swap.serving(w, keep_alive)
+            async with lease as engine:
+                yield engine
 
     def prewarm(self, w: NpcWeights) -> bool:
         """Start this shape's engines in the background, one at a time, while there is room; True
@@ -78,7 +90,7 @@ class EnginePool:
         """Drop this NPC's mask from every mixed engine, else stop the swap engine holding it;
         False if nothing holds it."""
         self.residency.forget(npc_id)  # an explicit unload ends a pin
-        found = False
+        found = await self.hot.unload(npc_id)
         for slot in self.all_slots():
             if isinstance(slot, MaskSlot):
                 found = await self.mixed.unload(slot, npc_id) or found
@@ -90,7 +102,8 @@ class EnginePool:
         return False
 
     def describe(self) -> list[dict]:
-        return [self.strategy(s).describe(s) for s in self.all_slots()]
+        return [self.strategy(s).describe(s) for s in self.all_slots()] + [
+            self.hot.describe(s) for s in self.hot.slots()] + self.hot.describe_starting()
 
     # -- residency ----------------------------------------------------------------
 
@@ -103,6 +116,7 @@ class EnginePool:
                 await asyncio.sleep(every)
                 try:
                     now = time.time()
+                    self.hot.sample()
                     for slot in self.all_slots():
                         await self.strategy(slot).expire_idle(slot, now)
                 except Exception:
@@ -111,7 +125,14 @@ class EnginePool:
         self._reaper = asyncio.ensure_future(loop())
 
     def update_loaded(self) -> None:
-        metrics.NPCS_LOADED.set(len({n for s in self.all_slots() for n in s.loaded()}))
+        metrics.NPCS_LOADED.set(len({n for s in self.all_slots() + self.hot.slots() for n in s.loaded()}))
+        self.update_engines()
+
+    def update_engines(self) -> None:
+        slots = self.all_slots()
+        metrics.ENGINES.labels(mode="mixed").set(sum(isinstance(s, MaskSlot) for s in slots))
+        metrics.ENGINES.labels(mode="swap").set(sum(not isinstance(s, MaskSlot) for s in slots))
+        metrics.ENGINES.labels(mode="hot").set(len(self.hot.hot))
 
     # -- engine lifecycle -----------------------------------------------------------
 
@@ -212,6 +233,7 @@ class EnginePool:
     async def shutdown(self) -> None:
         if self._reaper:
             self._reaper.cancel()
+        self.hot.shutdown()
         for slot in self.all_slots():
             try:
                 slot.engine.shutdown()
