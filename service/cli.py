@@ -42,9 +42,18 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+DRAIN_S = 5  # streams still open this long after SIGTERM are cut: the whole stop stays under 10 s
+
+
 def _exit_on_signal(signum, _frame) -> None:
     # uvicorn re-raises SIGTERM after its shutdown; make that an exception so cleanup runs
     raise SystemExit(128 + signum)
+
+
+def _signal_all(procs: list, sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
 
 
 @models_app.command("pull")
@@ -164,13 +173,18 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
             env["NPC_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + i)
         children.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
                                          preexec_fn=redis_embedded.die_with_parent))
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # the workers stop beside the API's graceful shutdown, not after it
+            _signal_all(children, signal.SIGTERM)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(settings), host=host or settings.host, port=port or settings.port,
+                            log_level="info", timeout_graceful_shutdown=DRAIN_S)
     try:
-        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                    log_level="info", timeout_graceful_shutdown=10)
+        _Server(config).run()
     finally:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signal.SIGTERM)
+        _signal_all(children, signal.SIGTERM)
         for c in children:
             try:
                 c.wait(15)

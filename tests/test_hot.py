@@ -15,6 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import PERSONA_A, PERSONA_B, Server
+from test_engines import _live_children
 from test_mixed import _engines, assert_serves_its_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -65,9 +66,8 @@ def _metric(srv, name: str) -> float:
 
 
 def _workers(srv) -> int:
-    """vLLM engine worker processes under the server."""
-    return sum("VLLM::Worker" in " ".join(p.cmdline() or [p.name()])
-               for p in psutil.Process(srv.proc.pid).children(recursive=True))
+    """vLLM engine worker processes under the server (a stopped engine's zombie is not one)."""
+    return sum("VLLM::Worker" in cmd for _, cmd in _live_children(srv.proc.pid))
 
 
 def test_busy_npc_gets_its_own_engine_then_returns(hot):
@@ -140,3 +140,55 @@ def test_hysteresis_is_checked():
 
     with pytest.raises(ValidationError, match="NPC_HOT_DEMOTE_AT"):
         Settings(hot_promote_at=2, hot_demote_at=2)
+
+
+def _family(srv) -> list[psutil.Process]:
+    return psutil.Process(srv.proc.pid).children(recursive=True)
+
+
+def _alive(procs: list[psutil.Process]) -> list[int]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_sigterm_on_a_busy_server_ends_every_process(hot):
+    """SIGTERM while a hot engine and the mixed engine decode and a prune runs: every process of
+    `npc serve` (engines, worker, Redis) ends within 10 s."""
+    srv, ids = hot
+    stop = threading.Event()
+
+    def client(npc):
+        while not stop.is_set():
+            try:
+                _stream(srv, npc, 48)
+            except httpx.HTTPError:
+                return  # the server went away: what this test does
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(client, ids["a"]) for _ in range(3)] + [ex.submit(client, ids["b"])]
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(e["state"] == "serving" for e in _hot_entries(srv)):
+            time.sleep(0.5)
+        assert any(e["state"] == "serving" for e in _hot_entries(srv))
+        job = srv.create_npc("Late", PERSONA_B + " She is new in town.", sparsity=0.25)
+        deadline = time.time() + 60
+        while httpx.get(f"{srv.url}/v1/npcs/{job['id']}").json()["status"] != "running" and time.time() < deadline:
+            time.sleep(0.2)
+        family = _family(srv)
+        assert _workers(srv) == 2 and any("worker" in cmd for _, cmd in _live_children(srv.proc.pid))
+        t0 = time.time()
+        srv.proc.terminate()
+        while _alive(family + [psutil.Process(srv.proc.pid)]) and time.time() - t0 < 30:
+            time.sleep(0.2)
+        took = time.time() - t0
+        stop.set()
+        for f in futs:
+            f.result()
+    assert not _alive(family), [(p.pid, p.name()) for p in family if p.pid in _alive(family)]
+    assert took <= 10, took

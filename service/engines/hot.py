@@ -224,16 +224,14 @@ class HotStrategy:
                  "state": "starting", "hot_since": None, "load": self.mean(npc, self.settings.hot_after_s)}
                 for npc in self._starting]
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> list:
+        """Forget every hot engine and hand them to the pool, which stops all engines at once."""
         for task in list(self._starting.values()):
             task.cancel()
-        for slot in self.slots():
-            try:
-                slot.engine.shutdown()
-            except Exception:
-                log.exception("engine shutdown failed")
+        engines = [slot.engine for slot in self.slots()]
         self.hot.clear()
         self.retiring.clear()
+        return engines
 
 
 def hot_cores(settings) -> str | None:

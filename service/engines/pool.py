@@ -22,6 +22,8 @@ from service.engines.slot import NpcWeights, Slot
 from service.engines.swap import SwapStrategy
 from service.errors import ApiError
 
+ENGINE_STOP_S = 2  # an engine holds nothing to save: its core process is killed after this
+
 log = logging.getLogger(__name__)
 
 
@@ -233,10 +235,14 @@ class EnginePool:
     async def shutdown(self) -> None:
         if self._reaper:
             self._reaper.cancel()
-        self.hot.shutdown()
-        for slot in self.all_slots():
-            try:
-                slot.engine.shutdown()
-            except Exception:
-                log.exception("engine shutdown failed")
+        engines = self.hot.shutdown() + [slot.engine for slot in self.all_slots()]
         self.slots.clear()
+        # all at once, each with a short grace: SIGTERM must end the server within 10 s
+        await asyncio.gather(*(asyncio.to_thread(_stop_engine, e) for e in engines))
+
+
+def _stop_engine(engine) -> None:
+    try:
+        engine.shutdown(timeout=ENGINE_STOP_S)
+    except Exception:
+        log.exception("engine shutdown failed")
