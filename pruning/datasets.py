@@ -75,3 +75,22 @@ def load_reference_personas(path: str | Path | None = None) -> list[str]:
     if not personas:
         raise PruneError(f"no reference personas in {path or 'shipped'}")
     return personas
+
+
+def read_persona_file(persona_file: Path) -> tuple[str, str | None]:
+    """(persona, chat system prompt or None) from a text file or an eval-format JSON file."""
+    try:
+        text = persona_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PruneError(f"cannot read persona file {persona_file}: {getattr(e, 'strerror', None) or e}") from None
+    if persona_file.suffix.lower() == ".json":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise PruneError(f"persona file {persona_file} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise PruneError(f"persona file {persona_file}: expected a JSON object")
+        desc = d.get("persona_description") or d.get("persona") or d.get("description") or ""
+        system = d.get("system_prompt") if isinstance(d.get("system_prompt"), str) else None
+        return (desc or system or "").strip(), (system.strip() or None) if system else None
+    return text, None

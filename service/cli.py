@@ -207,30 +207,9 @@ def worker() -> None:
     worker_mod.run(settings, settings.redis_url)
 
 
-def _read_persona(persona: Optional[str], persona_file: Optional[Path]) -> tuple[str, Optional[str]]:
-    """(persona, chat system prompt or None) from --persona or a text / eval-format JSON file."""
-    if persona_file is None:
-        return persona or "", None
-    try:
-        text = persona_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PruneError(f"cannot read persona file {persona_file}: {getattr(e, 'strerror', None) or e}") from None
-    if persona_file.suffix.lower() == ".json":
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise PruneError(f"persona file {persona_file} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise PruneError(f"persona file {persona_file}: expected a JSON object")
-        desc = d.get("persona_description") or d.get("persona") or d.get("description") or ""
-        system = d.get("system_prompt") if isinstance(d.get("system_prompt"), str) else None
-        return (desc or system or "").strip(), (system.strip() or None) if system else None
-    return text, None
-
-
 @app.command()
 def prune(
-    base: str = typer.Option(..., help="HF model dir or installed model name"),
+    base: Optional[str] = typer.Option(None, help="HF model dir or installed model name (default: NPC_BASE_MODEL)"),
     persona: Optional[str] = typer.Option(None, help="persona description"),
     persona_file: Optional[Path] = typer.Option(None, help="persona as text, or an eval-format JSON file"),
     sparsity: float = typer.Option(0.25, help="share of FFN channels removed, in (0, 0.9]"),
@@ -248,13 +227,14 @@ def prune(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Prune a base model for one persona and export a compact checkpoint."""
+    from pruning.datasets import read_persona_file
     from pruning.model_io import resolve_base
     from pruning.options import check_options
     from pruning.prune import check_args, prune as run_prune
     from service.settings import get_settings
 
     try:
-        persona, file_system = _read_persona(persona, persona_file)
+        persona, file_system = read_persona_file(persona_file) if persona_file else (persona or "", None)
         opts = {}
         if options:
             try:
@@ -282,7 +262,8 @@ def prune(
 
             if device.startswith("cuda") and not torch.cuda.is_available():
                 raise PruneError(f"--device {device}: no CUDA device is available")
-        base_dir = resolve_base(base, get_settings().models)
+        settings = get_settings()
+        base_dir = resolve_base(base or settings.base_model, settings.models)
         summary = run_prune(base_dir, persona, sparsity, method, out, seed=seed, options=opts,
                             system_prompt=system_prompt or file_system, device=device,
                             progress=lambda f, s: typer.echo(f"\r{s:10s} {f:6.1%}", nl=False, err=True))

@@ -230,8 +230,9 @@ def test_cli_prune_bad_input_leaves_nothing(tmp_path, base_dir):
 
 
 def test_cli_prune_exports(tmp_path, base_dir):
+    """Without --base, `npc prune` prunes the server's default base (NPC_BASE_MODEL)."""
     out = tmp_path / "npc"
-    r = _npc("prune", "--base", str(base_dir), "--persona", PERSONA_A, "--sparsity", "0.5",
+    r = _npc("prune", "--persona", PERSONA_A, "--sparsity", "0.5",
              "--method", "magnitude", "--out", str(out))
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
