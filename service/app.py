@@ -8,20 +8,20 @@ import time
 from contextlib import asynccontextmanager
 
 from arq import create_pool
-from arq.connections import RedisSettings
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from service import errors, metrics, redis_embedded
 from service.api import admin, health, npcs, openai, page, scenes, sessions
 from service.engines.pool import EnginePool
-from service.jobs.queue import SERIALIZERS
+from service.jobs.queue import SERIALIZERS, redis_retry, redis_settings
 from service.npcs.checkpoints import from_settings as checkpoint_store
 from service.npcs.records import NpcStore
 from service.npcs.scenes import SceneStore
 from service.npcs.sessions import SessionStore
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
+from service.serving.fair import TenantStreams
 from service.serving.scene import SceneServing
 from service.serving.session import SessionServing
 from service.settings import Settings, get_settings
@@ -116,9 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not url:
             embedded, url = redis_embedded.start(settings.data)
             log.info("embedded Redis at %s", url)
-        app.state.redis = Redis.from_url(url)
+        app.state.redis = Redis.from_url(url, **redis_retry())
         app.state.store = NpcStore(app.state.redis)
-        app.state.queue = await create_pool(RedisSettings.from_dsn(url), **SERIALIZERS)
+        app.state.queue = await create_pool(redis_settings(url), **SERIALIZERS)
         await asyncio.to_thread(_import_engine_libs)
         app.state.engines = EnginePool(settings)
         app.state.ckpts = checkpoint_store(settings)
@@ -145,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Persona-pruned NPC models behind an OpenAI-compatible API")
     app.state.settings = settings
     app.state.keys = settings.keys()
+    app.state.streams = TenantStreams(settings.tenant_max_streams)
     metrics.set_max_npc_labels(settings.max_npc_labels)
     errors.install(app)
 

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(3600, ge=10, description="a pruning job running longer ends failed, with the reason")
     job_max_tries: int = Field(3, ge=1, le=20, description="attempts per pruning job (a worker killed mid-job "
                                "hands it on); after the last, the NPC ends failed, with the reason")
+    job_retry_s: float = Field(15.0, ge=0, description="an attempt that hit a host fault (disk full, I/O error, "
+                               "the checkpoint store down) is queued again after this long, for any worker")
+    fault_hold: str | None = Field(None, pattern=r"^[a-z]+:\d+(\.\d+)?$",
+                                   description="testing only, `stage:seconds`: each job waits that long when it "
+                                               "enters that stage, so a fault test can kill its worker there")
     instant_npcs: bool = Field(True, description="an NPC chats at once on the dense base with its persona prompt "
                                "while its prune runs; the pruned model takes over between requests when ready")
     mixed_batches: bool = Field(True, description="serve compact NPCs of one base from one engine, "
@@ -69,6 +74,8 @@ class Settings(BaseSettings):
     tenant_max_npcs: int = Field(1000, ge=1, description="NPC records one API key may hold (admin keys: no cap)")
     tenant_max_jobs: int = Field(4, ge=1, description="NPCs one API key may have queued or being pruned at once "
                                  "(admin keys: no cap); past it, POST /v1/npcs answers 429")
+    tenant_max_streams: int = Field(4, ge=1, description="chat and completion requests one API key may have "
+                                    "generating at once; more: 429 + Retry-After (admin keys: no cap)")
     tenant_max_pins: int = Field(2, ge=0, description="NPCs one API key may pin (keep_alive -1; admin keys: no cap)")
     max_queued_jobs: int = Field(64, ge=1, description="pruning jobs waiting, all keys together, before "
                                  "POST /v1/npcs answers 429")

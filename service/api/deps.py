@@ -63,6 +63,10 @@ def scene_serving(request: Request):
     return request.app.state.scene_serving
 
 
+def streams(request: Request):
+    return request.app.state.streams
+
+
 def completions(request: Request):
     return request.app.state.completions
 

@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from service.api import deps
 from service.errors import ApiError
 from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.serving.fair import shared
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -37,10 +38,11 @@ SERVING_HEADER = "x-npc-serving"  # "prompt" (the dense base with the persona pr
 
 async def _serve(request: Request, req, who, serving):
     meta: dict = {}
+    streams = request.app.state.streams  # this key's share of the engines (429 past it)
     if not req.stream:
-        body = await _until_disconnect(request, serving.complete(req, who, meta))
+        body = await shared(streams, who, False, lambda: _until_disconnect(request, serving.complete(req, who, meta)))
         return JSONResponse(body, headers={SERVING_HEADER: meta["serving"]})
-    events, release = await serving.stream(req, who, meta)
+    events, release = await shared(streams, who, True, lambda: serving.stream(req, who, meta))
     # sse-starlette cancels `events` when the client disconnects: the generation is aborted with it
     return EventSourceResponse(events, background=BackgroundTask(release), ping=15,
                                headers={SERVING_HEADER: meta["serving"]})

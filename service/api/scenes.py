@@ -6,11 +6,13 @@ import json
 
 from fastapi import APIRouter, Depends
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from service.api import deps
 from service.api.npcs import owned
 from service.errors import ApiError
 from service.protocol import SceneCreate, SceneTurn
+from service.serving.fair import shared
 
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
@@ -48,15 +50,25 @@ async def get_scene(scene_id: str, who=Depends(deps.require_key), scenes=Depends
 
 @router.post("/{scene_id}/turns")
 async def scene_turns(scene_id: str, body: SceneTurn, who=Depends(deps.require_key), scenes=Depends(deps.scenes),
-                      serving=Depends(deps.scene_serving)):
+                      serving=Depends(deps.scene_serving), streams=Depends(deps.streams)):
     """The next turns: a player's line and the replies, or N NPC turns. Streamed as SSE (`line`
     deltas, `line_done` per line, `done`), or with `stream: false` one JSON of the new lines."""
     doc = await _scene(scene_id, who, scenes)
     events = serving.run(doc, who, body)
     if not body.stream:
-        done = [ev["data"] async for ev in events if ev["event"] == "line_done"]
-        return {"id": scene_id, "object": "scene.turns", "lines": done}
-    first = await anext(events)  # errors before the first line are HTTP statuses
+        async def lines() -> list:
+            return [ev["data"] async for ev in events if ev["event"] == "line_done"]
+
+        return {"id": scene_id, "object": "scene.turns", "lines": await shared(streams, who, False, lines)}
+
+    async def first_line():  # errors before the first line are HTTP statuses
+        ev = await anext(events)
+
+        async def nothing() -> None:
+            pass
+        return ev, nothing
+
+    first, release = await shared(streams, who, True, first_line)
 
     async def sse():
         ev = first
@@ -69,7 +81,7 @@ async def scene_turns(scene_id: str, body: SceneTurn, who=Depends(deps.require_k
         except ApiError as e:
             yield {"event": "error", "data": json.dumps({"error": {"message": e.message, "code": e.code}})}
 
-    return EventSourceResponse(sse(), ping=15)
+    return EventSourceResponse(sse(), background=BackgroundTask(release), ping=15)
 
 
 @router.delete("/{scene_id}")

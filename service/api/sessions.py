@@ -12,6 +12,7 @@ from service.api.npcs import owned
 from service.errors import ApiError
 from service.npcs.prompt import greeting
 from service.protocol import SessionCreate, SessionMessage
+from service.serving.fair import shared
 
 router = APIRouter(prefix="/v1/npcs/{npc_id}/sessions", tags=["sessions"])
 
@@ -66,13 +67,13 @@ async def get_session(npc_id: str, session_id: str, who=Depends(deps.require_key
 @router.post("/{session_id}/messages")
 async def send_message(npc_id: str, session_id: str, body: SessionMessage,
                        who=Depends(deps.require_key), store=Depends(deps.store), sessions=Depends(deps.sessions),
-                       serving=Depends(deps.session_serving)):
+                       serving=Depends(deps.session_serving), streams=Depends(deps.streams)):
     """The player's message; the NPC's reply (streamed as chat.completion.chunk events with
     `stream`). Both are kept on the session."""
     doc = await _session(npc_id, session_id, who, store, sessions)
     if not body.stream:
-        return JSONResponse(await serving.reply(doc, who, body))
-    events, release = await serving.stream(doc, who, body)
+        return JSONResponse(await shared(streams, who, False, lambda: serving.reply(doc, who, body)))
+    events, release = await shared(streams, who, True, lambda: serving.stream(doc, who, body))
     return EventSourceResponse(events, background=BackgroundTask(release), ping=15)
 
 

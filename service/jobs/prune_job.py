@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 from pathlib import Path
+
+from arq.worker import Retry
 
 from pruning import PruneCancelled, PruneError
 from service import metrics
@@ -31,6 +35,35 @@ async def _watch(store: NpcStore, npc_id: str, attempt: int, cancel: threading.E
             cancel.set()
             return
         await asyncio.sleep(CANCEL_POLL_S)
+
+
+# faults of the host or its disk, not of the job: another attempt (on any worker) can finish it
+HOST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def host_fault(e: BaseException) -> str | None:
+    """What went wrong, when `e` is a fault of this host rather than of the job; else None."""
+    if isinstance(e, OSError) and e.errno in HOST_ERRNOS:
+        return e.strerror or str(e)
+    m = re.search(r"os error (\d+)", str(e))  # safetensors' writer wraps the OS error in its own type
+    if m and int(m.group(1)) in HOST_ERRNOS:
+        return os.strerror(int(m.group(1)))
+    return None
+
+
+async def _again(store: NpcStore, npc_id: str, attempt: int, why: str, settings, worker: str | None) -> str:
+    """Give the job back to the queue: the NPC waits for its next attempt instead of failing."""
+    if await store.update(npc_id, _attempt=attempt, status="queued", stage="queued", progress=0.0, eta_s=None,
+                          error=f"attempt {attempt} (worker {worker}): {why}; queued again") is None:
+        return "superseded"  # a later attempt owns the job (or the NPC is gone): it is not ours to queue
+    log.warning("job for %s, attempt %d: %s; queued again in %.0f s", npc_id, attempt, why, settings.job_retry_s)
+    raise Retry(defer=settings.job_retry_s)
+
+
+def _hold(settings, stage: str) -> float:
+    """Seconds to wait on entering `stage` (NPC_FAULT_HOLD, the fault tests' window for a kill)."""
+    name, _, secs = (settings.fault_hold or "").partition(":")
+    return float(secs) if name == stage else 0.0
 
 
 def _attempt_dir(npcs_dir: Path, npc_id: str, attempt: int) -> Path:
@@ -67,10 +100,10 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     if rec is None or rec["status"] in ("ready", "cancelled", "failed"):
         return "skipped"
     tries = rec.get("attempts", 0)
-    if tries >= settings.job_max_tries:  # each attempt's worker died or was stopped mid-job
+    if tries >= settings.job_max_tries:  # each attempt's worker died, was stopped, or hit a host fault
+        last = f"; the last: {rec['error']}" if rec.get("error") else ": each one's worker stopped before the job ended"
         await store.update(npc_id, status="failed", stage="failed", eta_s=None,
-                           error=f"gave up after {tries} attempts (NPC_JOB_MAX_TRIES): each one's worker "
-                                 "stopped before the job ended")
+                           error=f"gave up after {tries} attempts (NPC_JOB_MAX_TRIES){last}")
         return "failed"
     loop = asyncio.get_running_loop()
     started = time.time()
@@ -83,6 +116,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     last = [0.0]
     stages: dict[str, float] = {}
     current = ["loading", started]
+    held: set[str] = set()
     cancel = threading.Event()
 
     def progress(frac: float, stage: str) -> None:
@@ -93,6 +127,10 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             stages[current[0]] = round(now - current[1], 3)
             metrics.STAGE_DURATION.labels(stage=current[0]).observe(now - current[1])
             current[:] = [stage, now]
+        if _hold(settings, stage) and stage not in held:
+            held.add(stage)
+            asyncio.run_coroutine_threadsafe(store.update(npc_id, _attempt=mine, stage=stage), loop).result()
+            time.sleep(_hold(settings, stage))
         if now - last[0] > 0.5 or frac >= 1.0:  # no need to write Redis for every prompt
             last[0] = now
             elapsed = now - started
@@ -153,8 +191,11 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=str(e), eta_s=None)
         return "failed"
     except Exception as e:
-        log.exception("job for %s failed", npc_id)
         shutil.rmtree(out, ignore_errors=True)
+        if host_fault(e):
+            return await _again(store, npc_id, mine, f"{host_fault(e)} in stage {current[0]}", settings,
+                                ctx.get("worker_id"))
+        log.exception("job for %s failed", npc_id)
         await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=f"{type(e).__name__}: {e}",
                            eta_s=None)
         return "failed"
@@ -167,6 +208,8 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     if now is None or now.get("attempts", 0) != mine or now["status"] != "running":
         shutil.rmtree(out, ignore_errors=True)
         return "superseded" if now is not None and now.get("attempts", 0) != mine else "cancelled"
+    await store.update(npc_id, _attempt=mine, stage="publishing")
+    await asyncio.sleep(_hold(settings, "publishing"))
     try:
         # a remote store gets the attempt's own name: a stale attempt's upload cannot mix with it
         ref = await asyncio.to_thread(ckpts.publish, out, f"{npc_id}.a{mine}" if ckpts.url else npc_id)
@@ -176,12 +219,12 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
     except Exception as e:
         log.exception("publishing %s failed", npc_id)
         shutil.rmtree(out, ignore_errors=True)
-        await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=f"checkpoint store: {e}",
-                           eta_s=None)
-        return "failed"
+        # the store (or this disk) was down past the publish's own retries: a later attempt tries again
+        return await _again(store, npc_id, mine, f"checkpoint store: {host_fault(e) or e}", settings,
+                            ctx.get("worker_id"))
     stages["total"] = round(time.time() - started, 3)
     done = await store.update(npc_id, _expect=("running",), _attempt=mine, status="ready", stage="ready",
-                              progress=1.0, checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages,
+                              progress=1.0, checkpoint=ref, eta_s=0, ready_at=time.time(), timings=stages, error=None,
                               kept_per_layer=summary["kept_per_layer"], metrics=summary.get("metrics"))
     if done is None:  # deleted, cancelled or superseded at the very end: leave nothing of ours behind
         now = await store.get(npc_id)

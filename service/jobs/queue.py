@@ -24,6 +24,28 @@ def loads(raw: bytes) -> dict:
 
 
 SERIALIZERS = {"job_serializer": dumps, "job_deserializer": loads}
+REDIS_OUTAGE_S = 30  # how long every Redis command keeps retrying a Redis that went away (a restart)
+
+
+def redis_retry() -> dict:
+    """Client options that ride out a Redis restart: each command retries a lost connection with
+    backoff for about REDIS_OUTAGE_S instead of failing (an arq worker would exit on the first one)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return {"retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=REDIS_OUTAGE_S // 2 + 3),
+            "retry_on_error": [ConnectionError, TimeoutError, OSError]}
+
+
+def redis_settings(url: str):
+    """arq's settings for `url`, with `redis_retry()`."""
+    from arq.connections import RedisSettings
+
+    settings = RedisSettings.from_dsn(url)
+    for k, v in redis_retry().items():
+        setattr(settings, k, v)
+    return settings
 
 
 def job_id(npc_id: str) -> str:

@@ -10,11 +10,10 @@ import secrets
 import socket
 import time
 
-from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from service.jobs.prune_job import prune_device, prune_npc
-from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNERS, QUEUE, SERIALIZERS, WORKERS
+from service.jobs.queue import HEARTBEAT, IN_PROGRESS, JOB_OWNERS, QUEUE, SERIALIZERS, WORKERS, redis_settings
 from service.jobs.reconcile import reconcile
 from service.settings import Settings
 
@@ -103,7 +102,7 @@ def build_worker(settings: Settings, redis_url: str) -> Worker:
 
     return Worker(
         functions=[prune_npc],
-        redis_settings=RedisSettings.from_dsn(redis_url),
+        redis_settings=redis_settings(redis_url),
         queue_name=QUEUE,
         on_startup=startup,
         on_shutdown=shutdown,
