@@ -2,15 +2,17 @@
 
     .venv/bin/python -m benchmarks.flood                  # -> docs/flood.md and docs/flood.json
 
-One `npc serve --workers 0` with the product's serving defaults (mixed engines, instant NPCs) and two
-API keys. Tenant B (the victim) has one NPC and sends `--requests` streaming chats one after another;
-its TTFT is measured alone first, then while tenant A floods: `--flood-clients` streaming chat clients
-round-robin over A's NPCs, and a loop creating NPCs as fast as the server answers (persona-pruner NPCs
-whose jobs queue: no worker runs here, so the CPU the engines use is what is measured; a pruning worker
-belongs on a GPU host). Every NPC is prompt-served, so no prune is needed before the run.
+For each per-key cap (`--caps`, NPC_TENANT_MAX_STREAMS; 10000: none), one `npc serve --workers 0`
+with the product's serving defaults (mixed engines, instant NPCs) and two API keys. Tenant B (the
+victim) has one NPC and sends `--requests` streaming chats one after another; its TTFT is measured
+alone first, then while tenant A floods: `--flood-clients` streaming chat clients round-robin over A's
+NPCs (a refused one waits the Retry-After, as the openai client does), and a loop creating NPCs as fast
+as the server answers (their jobs queue: no worker runs here, so the CPU the engines use is what is
+measured; a pruning worker belongs on a GPU host). Every NPC is prompt-served, so nothing is pruned
+before the run.
 
-Reported: B's TTFT p50/p95 alone and under the flood, their ratio (the target: p95 <= 2x alone), B's
-errors, and how A's requests were answered (200 / 429 counts).
+Reported per cap: B's TTFT p50/p95 alone and under the flood, the p95 ratio (the target: <= 2x), B's
+errors, and how A's chats and creates were answered (200 or 202 / 429 counts).
 """
 
 from __future__ import annotations

@@ -122,9 +122,10 @@ OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
     "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every", "relative",
-    "data_tokens",
+    "data_tokens", "extra_instructions",
     *LEARN_KEYS,
 }
+MAX_EXTRA_INSTRUCTIONS = 64  # questions always in the data, beside the filtered ones (a card's lore)
 # LoRA recovery after any method (`--recover`), and its defaults
 RECOVERY_OPTIONS = {"recover", "lora_steps", "lora_rank", "lora_lr"}
 RECOVERY_DEFAULTS = {"lora_steps": 30, "lora_rank": 8, "lora_lr": 5e-4}
@@ -152,7 +153,7 @@ def resolve_options(options: dict | None) -> dict:
            # the persona's own topics, not the questions every persona moves (docs/quality_experiments.md)
            "relative": True,
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
-           "log_every": 0, **prof, **learn}
+           "log_every": 0, "extra_instructions": [], **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     _check_counts(out)
     return out
@@ -168,6 +169,11 @@ def _check_counts(opts: dict) -> None:
         if opts.get(name) is not None or name not in ("pool_size", "n_references", "data_tokens"):
             check_number(name, opts.get(name), lo, hi, integer=True)
     check_number("teacher_temperature", opts.get("teacher_temperature"), 0, 2)
+    extra = opts.get("extra_instructions")
+    if extra is not None and (not isinstance(extra, list) or len(extra) > MAX_EXTRA_INSTRUCTIONS
+                              or not all(isinstance(q, str) and 0 < len(q.strip()) <= 500 for q in extra)):
+        raise PruneError(f"option extra_instructions must be a list of at most {MAX_EXTRA_INSTRUCTIONS} "
+                         "non-empty strings of at most 500 characters")
 
 
 def check_options(method: str, options: dict) -> None:

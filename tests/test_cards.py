@@ -146,3 +146,54 @@ def test_card_exports_back_as_v2_json_and_png(server, seraphina):
     persona_only = server.create_npc("Plain Pete", "A grumpy ferryman who hates rain.", sparsity=0)
     plain = httpx.get(f"{server.url}/v1/npcs/{persona_only['id']}/card", timeout=30).json()
     assert plain["data"]["description"] == "A grumpy ferryman who hates rain." and plain["data"]["name"] == "Plain Pete"
+
+
+# -- a card's lore and example dialogue in its pruning data -------------------------
+
+
+def _seraphina_card() -> dict:
+    card = parse_card((SHARED_CARDS / "seraphina.st_default.v2.json").read_bytes())
+    card["mes_example"] = "<START>\n{{user}}: Who are you?\n{{char}}: I guard these woods, traveller."
+    return card
+
+
+def test_pruning_inputs_of_a_card_ask_about_its_lore_under_its_chat_prompt():
+    from service.npcs.cards import card_to_npc
+    from service.npcs.persona import system_prompt_of
+    from service.npcs.prompt import MAX_LORE_QUESTIONS, pruning_inputs
+
+    card = _seraphina_card()
+    rec = card_to_npc(card, 8000)
+    system, questions = pruning_inputs(rec, card)
+    keys = [e["keys"][0] for e in card["character_book"]["entries"]]
+    assert questions and len(questions) <= MAX_LORE_QUESTIONS
+    assert all(any(k in q for q in questions) for k in keys)  # every entry's topic is asked about
+    assert system_prompt_of(rec) in system
+    from service.npcs import lore
+    from service.npcs.cards import substitute
+
+    # the lore those questions key, within the book's budget, as a chat asking them would get it
+    chosen = lore.select(lore.book_of(card), ["\n".join(questions)], lambda t: len(t) // 4)
+    assert chosen
+    for e in lore.book_of(card).entries:
+        assert (substitute(e.content, rec["name"], "User")[:60] in system) == (e in chosen), e.key
+    assert "I guard these woods, traveller." in system  # the example dialogue, as every chat has it
+    # an NPC without a card: its own system prompt, nothing asked
+    assert pruning_inputs(rec, None) == (system_prompt_of(rec), [])
+
+
+def test_extra_instructions_are_checked_and_always_in_the_data(base_dir):
+    import torch
+
+    from pruning import PruneError
+    from pruning.methods.persona_pruner.data import _filter_inputs
+    from pruning.model_io import load_model
+    from pruning.options import resolve_options
+
+    for bad in ("a question", [""], ["x" * 501], ["q"] * 65, [1]):
+        with pytest.raises(PruneError, match="extra_instructions"):
+            resolve_options({"extra_instructions": bad})
+    model, _ = load_model(base_dir, dtype=torch.float32)
+    lore = ["What can you tell me about eldoria?", "What does shadowfang mean to you?"]
+    pool, anchors, _, _ = _filter_inputs(model, resolve_options({"profile": "fast", "extra_instructions": lore}))
+    assert anchors == lore and not set(lore) & set(pool)

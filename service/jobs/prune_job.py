@@ -15,9 +15,10 @@ from pathlib import Path
 from arq.worker import Retry
 
 from pruning import PruneCancelled, PruneError
+from pruning.options import MAX_EXTRA_INSTRUCTIONS
 from service import metrics
 from service.npcs.checkpoints import from_settings
-from service.npcs.persona import system_prompt_of
+from service.npcs.prompt import pruning_inputs
 from service.npcs.records import NpcStore
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,12 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         from pruning.prune import prune
 
         base = resolve_base(rec["base"], settings.models)
-        system = system_prompt_of(rec)
+        # a card's lore and example dialogue shape the data as they shape its chats
+        system, lore_questions = pruning_inputs(rec, await store.card(rec))
+        options = dict(rec.get("options") or {})
+        if lore_questions:
+            options["extra_instructions"] = [*options.get("extra_instructions", []),
+                                             *lore_questions][:MAX_EXTRA_INSTRUCTIONS]
         evaluate = rec.get("evaluate", False)
         span = 0.85 if evaluate else 1.0
 
@@ -158,7 +164,7 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             summary = await asyncio.to_thread(
                 prune, base, rec["persona"], rec["sparsity"], rec["method"], out,
                 seed=rec.get("seed", 0), n_calibration=settings.calibration_prompts,
-                progress=lambda f, stage: progress(span * f, stage), options=rec.get("options") or {},
+                progress=lambda f, stage: progress(span * f, stage), options=options,
                 system_prompt=system, cache_dir=settings.data / "cache", device=prune_device(settings.worker_device),
             )
             if evaluate:

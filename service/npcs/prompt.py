@@ -61,6 +61,36 @@ def _examples(card: dict | None, char: str, user: str) -> str | None:
     return f"Example dialogue, for {char}'s voice only (not part of this conversation):\n{text}"
 
 
+def _system(rec: dict, card: dict | None, entries: list, char: str, user: str, extra: list[str]) -> str:
+    """The system message: the lore placed before the NPC's own prompt, the lore placed after it,
+    the example dialogue, then anything the caller adds."""
+    before = [substitute(e.content, char, user) for e in entries if e.position == "before_char"]
+    after = [substitute(e.content, char, user) for e in entries if e.position == "after_char"]
+    parts = before + [system_prompt_of(rec)] + after + [_examples(card, char, user) or ""] + list(extra)
+    return "\n\n".join(p for p in parts if p)
+
+
+LORE_QUESTIONS = ("What can you tell me about {key}?", "What does {key} mean to you?")
+MAX_LORE_QUESTIONS = 32
+
+
+def pruning_inputs(rec: dict, card: dict | None) -> tuple[str, list[str]]:
+    """What an NPC's pruning data is written under: (system prompt, questions always asked).
+
+    Without a card: the NPC's system prompt, no questions. With one: questions on its lorebook's
+    topics (each entry's first plain key, in LORE_QUESTIONS' forms), and the system prompt its chats
+    get when those topics come up: the lore they key (within the book's budget, tokens counted as
+    characters / 4) and the card's example dialogue, which every chat's prompt holds."""
+    book = lore.book_of(card)
+    questions: list[str] = []
+    for e in book.entries if book else ():
+        plain = [k for k in e.keys if not e.regex and not k.startswith("/")][:1]
+        questions += [t.format(key=k) for k in plain for t in LORE_QUESTIONS]
+    questions = list(dict.fromkeys(questions))[:MAX_LORE_QUESTIONS]
+    entries = lore.select(book, ["\n".join(questions)], lambda s: len(s) // 4)
+    return _system(rec, card, entries, char_name(rec, card), "User", []), questions
+
+
 def assemble(rec: dict, card: dict | None, turns: list[dict], tok, *, extra_system: list[str] = (),
              greeting_index: int | None = None, user: str = "User", summary: str | None = None) -> Assembled:
     """The NPC's prompt for `turns` (chat messages after the system prompt). `summary` is a
@@ -73,14 +103,8 @@ def assemble(rec: dict, card: dict | None, turns: list[dict], tok, *, extra_syst
     book = lore.book_of(card)
     entries = lore.select(book, [t["content"] for t in shown if t.get("content")],
                           lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
-    before = [substitute(e.content, char, user) for e in entries if e.position == "before_char"]
-    after = [substitute(e.content, char, user) for e in entries if e.position == "after_char"]
-    parts = before + [system_prompt_of(rec)] + after
-    parts.append(_examples(card, char, user) or "")
-    if summary:
-        parts.append(f"What happened earlier in this conversation: {summary}")
-    parts += list(extra_system)
-    msgs = [{"role": "system", "content": "\n\n".join(p for p in parts if p)}] + shown
+    memory = [f"What happened earlier in this conversation: {summary}"] if summary else []
+    msgs = [{"role": "system", "content": _system(rec, card, entries, char, user, memory + list(extra_system))}] + shown
     post = (card or {}).get("post_history_instructions")
     if isinstance(post, str) and post.strip():
         post = substitute(post.replace("{{original}}", ""), char, user).strip()

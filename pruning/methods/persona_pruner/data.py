@@ -69,6 +69,7 @@ def _filter_inputs(model, opts: dict) -> tuple[list[str], list[str], list[str], 
     """(pool, anchors, reference personas, band) of resolved options, before any subsampling."""
     pool = load_instructions(opts["pool_path"])
     anchors = calibration_prompts(opts["n_anchor"]) if opts["n_anchor"] else []
+    anchors += [q for q in opts.get("extra_instructions") or [] if q not in set(anchors)]
     if opts["pool_calibration"] and not opts["pool_path"]:
         seen = set(pool)
         pool += [q for q in calibration_prompts() if q not in seen]
