@@ -200,17 +200,22 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     ap.add_argument("--repeats", type=int, default=10, help="cases of each kill")
     ap.add_argument("--other-repeats", type=int, default=3, help="cases of redis-restart and of disk-full")
+    ap.add_argument("--start", type=int, default=0, help="first case number (to go on from an earlier run; "
+                    "--merge its JSON lines)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="a log of an earlier run: its case lines join this run's in the summary")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "faults.json")
     ap.add_argument("--no-doc", dest="doc", action="store_false", help="print only")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"unknown kinds: {', '.join(sorted(unknown))}")
-    cases: list[dict] = []
+    cases: list[dict] = [json.loads(line) for p in args.merge for line in p.read_text().splitlines()
+                         if line.startswith('{"kind"')]
     with tempfile.TemporaryDirectory(prefix="npc-faults-") as tmp:
         rig = Rig(Path(tmp), default_models_dir())
         try:
-            for i in range(args.repeats):
+            for i in range(args.start, args.repeats):
                 for kind in kinds:
                     if not kind.startswith("kill:") and i >= args.other_repeats:
                         continue

@@ -44,6 +44,15 @@ def test_page_creates_an_npc_and_chats(server, tmp_path):
             expect(page.locator("#chat-speed")).to_contain_text("tokens")
             assert page.locator("#chat-error").inner_text() == ""
             page.screenshot(path=str(tmp_path / "page.png"))
+            # the tab keeps its conversation across a reload; another tab starts its own
+            page.reload()
+            page.locator("#npc-list li", has_text="Page Pia").click()
+            expect(page.locator(".msg.user", has_text="What do you see tonight?")).to_be_visible(timeout=30_000)
+            other = browser.new_page()
+            other.goto(server.url + "/")
+            other.locator("#npc-list li", has_text="Page Pia").click()
+            expect(other.locator("#d-name")).to_have_text("Page Pia")
+            assert other.locator(".msg.user").count() == 0
             assert not errors, errors
         finally:
             browser.close()

@@ -2,7 +2,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { npcs: new Map(), selected: null, sessions: new Map(), following: new Set(), card: null };
+// each tab keeps its own conversation with each NPC, across reloads of that tab (sessionStorage)
+const state = { npcs: new Map(), selected: null, following: new Set(), card: null,
+                sessions: new Map(JSON.parse(sessionStorage.getItem("npc-sessions") || "[]")) };
+const keepSessions = () => sessionStorage.setItem("npc-sessions", JSON.stringify([...state.sessions]));
 
 $("api-key").value = localStorage.getItem("npc-api-key") || "";
 $("api-key").addEventListener("change", () => { localStorage.setItem("npc-api-key", $("api-key").value); refresh(); });
@@ -121,14 +124,14 @@ async function select(id) {
     try {
       const s = await api(`/v1/npcs/${id}/sessions/${sid}`);
       for (const m of s.messages) addMessage(m.role, m.content);
-    } catch (e) { state.sessions.delete(id); }
+    } catch (e) { state.sessions.delete(id); keepSessions(); }
   }
 }
 
 async function session(id) {
   if (!state.sessions.has(id)) {
     const s = await api(`/v1/npcs/${id}/sessions`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
-    state.sessions.set(id, s.id);
+    state.sessions.set(id, s.id); keepSessions();
     for (const m of s.messages) addMessage(m.role, m.content);
   }
   return state.sessions.get(id);
