@@ -346,6 +346,22 @@ def test_character_cards_import(cluster, card_file, form):
     httpx.delete(f"{url}/{rec['id']}", headers=A)  # cancel: the pruning itself is tested elsewhere
 
 
+def test_a_card_npc_is_pruned_on_its_lore(cluster):
+    """A card's lore questions are in its persona-pruner data (the cached dataset's anchor rows), and the
+    NPC ends ready through a real worker."""
+    if not any(w.poll() is None for w in cluster.workers):
+        cluster.start_worker()
+    card = json.loads((SHARED / "data/cards/seraphina.st_default.v2.json").read_text())
+    r = httpx.post(cluster.api.url + "/v1/npcs", headers=A, timeout=30,
+                   json={"card": card, "sparsity": 0.25, "method": "persona-pruner", "options": {"profile": "fast"}})
+    assert r.status_code == 202, r.text
+    rec = cluster.wait_for(r.json()["id"], lambda r: r["status"] in ("ready", "failed"), timeout=600)
+    assert rec["status"] == "ready", rec
+    rows = [json.loads(line) for p in (cluster.api.data_dir / "cache").rglob("*.jsonl") for line in p.open()]
+    lore = {row["instruction"] for row in rows if row.get("anchor")}
+    assert "What can you tell me about eldoria?" in lore and "What does shadowfang mean to you?" in lore, lore
+
+
 def test_bad_cards(cluster):
     url = cluster.api.url + "/v1/npcs"
     r = httpx.post(url, headers=A, files={"card": ("x.png", b"\x89PNG\r\n\x1a\nnot really")})
