@@ -12,7 +12,6 @@ from service.api import deps
 from service.api.npcs import owned
 from service.errors import ApiError
 from service.protocol import SceneCreate, SceneTurn
-from service.serving.fair import shared
 
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
@@ -55,20 +54,21 @@ async def scene_turns(scene_id: str, body: SceneTurn, who=Depends(deps.require_k
     deltas, `line_done` per line, `done`), or with `stream: false` one JSON of the new lines."""
     doc = await _scene(scene_id, who, scenes)
     events = serving.run(doc, who, body)
+    mine = streams.take(who)  # this key's share of the engines, held until the last line (429 past it)
     if not body.stream:
-        async def lines() -> list:
-            return [ev["data"] async for ev in events if ev["event"] == "line_done"]
+        try:
+            done = [ev["data"] async for ev in events if ev["event"] == "line_done"]
+        finally:
+            mine()
+        return {"id": scene_id, "object": "scene.turns", "lines": done}
+    try:
+        first = await anext(events)  # errors before the first line are HTTP statuses
+    except BaseException:
+        mine()
+        raise
 
-        return {"id": scene_id, "object": "scene.turns", "lines": await shared(streams, who, False, lines)}
-
-    async def first_line():  # errors before the first line are HTTP statuses
-        ev = await anext(events)
-
-        async def nothing() -> None:
-            pass
-        return ev, nothing
-
-    first, release = await shared(streams, who, True, first_line)
+    async def release() -> None:
+        mine()
 
     async def sse():
         ev = first

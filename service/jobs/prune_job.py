@@ -128,10 +128,11 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
             stages[current[0]] = round(now - current[1], 3)
             metrics.STAGE_DURATION.labels(stage=current[0]).observe(now - current[1])
             current[:] = [stage, now]
-        if _hold(settings, stage) and stage not in held:
+        hold = _hold(settings, stage)
+        if hold and stage not in held:
             held.add(stage)
             asyncio.run_coroutine_threadsafe(store.update(npc_id, _attempt=mine, stage=stage), loop).result()
-            time.sleep(_hold(settings, stage))
+            time.sleep(hold)
         if now - last[0] > 0.5 or frac >= 1.0:  # no need to write Redis for every prompt
             last[0] = now
             elapsed = now - started
@@ -198,9 +199,9 @@ async def prune_npc(ctx: dict, npc_id: str) -> str:
         return "failed"
     except Exception as e:
         shutil.rmtree(out, ignore_errors=True)
-        if host_fault(e):
-            return await _again(store, npc_id, mine, f"{host_fault(e)} in stage {current[0]}", settings,
-                                ctx.get("worker_id"))
+        fault = host_fault(e)
+        if fault:
+            return await _again(store, npc_id, mine, f"{fault} in stage {current[0]}", settings, ctx.get("worker_id"))
         log.exception("job for %s failed", npc_id)
         await store.update(npc_id, _attempt=mine, status="failed", stage="failed", error=f"{type(e).__name__}: {e}",
                            eta_s=None)
