@@ -37,7 +37,7 @@ import httpx
 
 from benchmarks import ROOT
 from service import redis_embedded
-from service.devserver import Server, default_models_dir
+from service.devserver import Server, default_models_dir, stop_all
 
 STAGES = ["loading", "filtering", "rewriting", "learning", "exporting", "publishing"]
 KINDS = [f"kill:{s}" for s in STAGES] + ["redis-restart", "disk-full"]
@@ -72,16 +72,8 @@ class Rig:
         self.workers.append(w)
         return w
 
-    def stop_workers(self, sig: int = signal.SIGTERM) -> None:
-        for w in self.workers:
-            if w.poll() is None:
-                w.send_signal(sig)
-        for w in self.workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+    def stop_workers(self) -> None:
+        stop_all(self.workers)
         self.workers.clear()
 
     def get(self, npc_id: str) -> dict:

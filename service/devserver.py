@@ -42,6 +42,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_all(procs, timeout: float = 30) -> None:
+    """SIGTERM every process still running, then wait for each; one that outlives `timeout` is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class Server:
     """One `npc serve` with its own data dir; `base_env` under `extra_env` under the port settings."""
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from service import redis_embedded
+from service.devserver import stop_all
 from tests.conftest import PERSONA_A, PERSONA_B, ROOT, SHARED, Server
 
 pytestmark = pytest.mark.slow
@@ -47,14 +48,7 @@ class Cluster:
         return w
 
     def stop_workers(self) -> None:
-        for w in self.workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in self.workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_all(self.workers)
         self.workers.clear()
 
     def get(self, npc_id: str, headers=A) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.devserver import FAST_ENV
+from service.devserver import FAST_ENV, stop_all
 from tests.conftest import PERSONA_A, ROOT, require, require_module
 
 pytestmark = pytest.mark.slow
@@ -74,15 +74,7 @@ class Hosts:
         return p
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
         for ns in self.made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
