@@ -155,6 +155,12 @@ def resolve_options(options: dict | None) -> dict:
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
            "log_every": 0, "extra_instructions": [], **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
+    if out["teacher_url"]:
+        # an external teacher's answers are the target: cross-entropy on them (KL to the base's own
+        # distribution would learn the base back and throw the teacher's rewrite away); either
+        # weight may still be set, e.g. kl_weight for CE plus KL
+        out.setdefault("ce_weight", 1.0)
+        out.setdefault("kl_weight", 0.0)
     _check_counts(out)
     return out
 

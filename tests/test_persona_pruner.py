@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from pruning.methods.persona_pruner.precision import in_precision
 from pruning.methods.persona_pruner.sensitivity import persona_divergence
 from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses
 from pruning.model_io import frozen, load_model
-from pruning.options import VARIANTS, MaskLearnConfig, config_for, resolve_options
+from pruning.options import VARIANTS, MaskLearnConfig, config_for, learn_config, resolve_options
 from pruning.prefix_forward import channel_mask, kept_masks, make_examples, shared_prompt_len
 from pruning.prune import prune
 from tests.conftest import PERSONA_A
@@ -308,6 +309,24 @@ def test_the_filter_measures_the_persona_as_it_measures_the_references(dense, ca
     assert not info["dataset_cached"]  # its own set: the answers are written under the wrapped prompt
     div = lambda rs: {r["instruction"]: r["divergence"] for r in rs if "divergence" in r}  # noqa: E731
     assert div(rows) == div(fast_rows) and div(rows)
+
+
+def test_an_external_teachers_answers_are_learned_by_cross_entropy(dense, cache_dir, server, npc_a):
+    """With `teacher_url` the learner's target is the teacher's text (CE), not the base's KL. The
+    teacher here is real: an NPC of our own server, through its OpenAI-compatible API."""
+    model, tok = dense
+    opts = {"profile": "fast", "teacher_url": server.url + "/v1", "teacher_model": npc_a["id"]}
+    cfg = learn_config(resolve_options(opts))
+    assert (cfg.ce_weight, cfg.kl_weight) == (1.0, 0.0)
+    assert learn_config(resolve_options({**opts, "kl_weight": 0.5})).ce_weight == 1.0  # CE plus KL
+    assert learn_config(resolve_options({"profile": "fast"})).kl_weight == 1.0  # the base as teacher: KL
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options=opts, cache_dir=cache_dir)
+    rows, info = build_dataset(model, tok, ctx, resolve_options(opts), "test-base", cache_dir)
+    assert info["teacher_backend"] == "openai" and all(r["answer"] for r in rows)
+    exs = make_examples(tok, PERSONA_A, [r["instruction"] for r in rows], [r["answer"] for r in rows],
+                        [r["finished"] for r in rows])
+    res = learn_scores(model, tok, exs, K, replace(cfg, steps=2, scale_steps=0))
+    assert all(h["loss"] == pytest.approx(h["ce"], rel=1e-5) for h in res.history)
 
 
 def test_fast_mask_learning_lowers_training_loss(dense, examples):
