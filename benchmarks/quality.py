@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--methods", default=",".join(GENERIC + PERSONAL))
     ap.add_argument("--profile", default="default")
+    ap.add_argument("--options", default="{}", help="JSON: persona-pruner (and activation-persona) options over the profile")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--questions", type=int, default=None, help="the first N questions of each set (default: all)")
     ap.add_argument("--attribution-n", type=int, default=8, help="questions per persona for attribution (0: off)")
@@ -252,10 +253,10 @@ def main() -> None:
                 scores = persona_scores[m]
             elif m == "activation-persona":  # persona-pruner's synthetic set (cached), no learning
                 if m not in persona_scores:
-                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {"profile": a.profile}, work))
+                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {**json.loads(a.options), "profile": a.profile}, work))
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
-                ctx = persona_context(sp, s, {"profile": a.profile}, work)
+                ctx = persona_context(sp, s, {**json.loads(a.options), "profile": a.profile}, work)
                 scores = get_method(m)(model, tok, ctx)
                 scales = ctx.channel_scales
                 info = ctx.info.get("persona_pruner", {})

@@ -122,7 +122,7 @@ OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
     "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every", "relative",
-    "data_tokens", "extra_instructions",
+    "data_tokens", "extra_instructions", "samples", "sample_temperature",
     *LEARN_KEYS,
 }
 MAX_EXTRA_INSTRUCTIONS = 64  # questions always in the data, beside the filtered ones (a card's lore)
@@ -136,7 +136,7 @@ MAX_REQUEST_OPTIONS_CHARS = 4096
 # the data options a caller may set, and their bounds (None allowed where the profile uses it)
 _COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references": (1, 1000),
            "max_new_tokens": (1, 1024), "gen_batch_size": (1, 256), "sens_batch_size": (1, 1024),
-           "n_anchor": (0, 1024), "data_tokens": (1000, 100_000_000)}
+           "n_anchor": (0, 1024), "data_tokens": (1000, 100_000_000), "samples": (1, 64)}
 
 
 def resolve_options(options: dict | None) -> dict:
@@ -153,7 +153,9 @@ def resolve_options(options: dict | None) -> dict:
            # the persona's own topics, not the questions every persona moves (docs/quality_experiments.md)
            "relative": True,
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
-           "log_every": 0, "extra_instructions": [], **prof, **learn}
+           "log_every": 0, "extra_instructions": [],
+           # answers per instruction: the first as the teacher writes it, the others sampled
+           "samples": 1, "sample_temperature": 0.8, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     if out["teacher_url"]:
         # an external teacher's answers are the target: cross-entropy on them (KL to the base's own
@@ -175,6 +177,7 @@ def _check_counts(opts: dict) -> None:
         if opts.get(name) is not None or name not in ("pool_size", "n_references", "data_tokens"):
             check_number(name, opts.get(name), lo, hi, integer=True)
     check_number("teacher_temperature", opts.get("teacher_temperature"), 0, 2)
+    check_number("sample_temperature", opts.get("sample_temperature"), 0, 2)
     extra = opts.get("extra_instructions")
     if extra is not None and (not isinstance(extra, list) or len(extra) > MAX_EXTRA_INSTRUCTIONS
                               or not all(isinstance(q, str) and 0 < len(q.strip()) <= 500 for q in extra)):
@@ -203,7 +206,8 @@ def job_tokens(options: dict | None) -> int:
     res = resolve_options(opts)
     cfg = learn_config(res)
     steps = cfg.steps + cfg.scale_steps + (recover["lora_steps"] if recover["recover"] else 0)
-    return steps * cfg.batch_size * cfg.max_length + res["n_instructions"] * (res["max_new_tokens"] + cfg.max_length)
+    return (steps * cfg.batch_size * cfg.max_length
+            + res["n_instructions"] * res["samples"] * (res["max_new_tokens"] + cfg.max_length))
 
 
 def validate_request_options(options: dict | None) -> None:

@@ -329,6 +329,22 @@ def test_an_external_teachers_answers_are_learned_by_cross_entropy(dense, cache_
     assert all(h["loss"] == pytest.approx(h["ce"], rel=1e-5) for h in res.history)
 
 
+def test_samples_add_sampled_answers_to_each_instruction(dense, cache_dir, fast_rows):
+    model, tok = dense
+    opts = resolve_options({"profile": "fast", "samples": 3})
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options={"profile": "fast", "samples": 3}, cache_dir=cache_dir)
+    rows, info = build_dataset(model, tok, ctx, opts, "test-base", cache_dir)
+    assert not info["dataset_cached"]  # a key of its own
+    first = [r for r in rows if "sample" not in r]
+    assert [(r["instruction"], r["answer"]) for r in first] == [(r["instruction"], r["answer"]) for r in fast_rows]
+    for j in (1, 2):
+        sampled = {r["instruction"]: r["answer"] for r in rows if r.get("sample") == j}
+        assert len(sampled) >= len(first) - 1 and set(sampled) <= {r["instruction"] for r in first}
+        assert sum(sampled.get(r["instruction"]) != r["answer"] for r in first) >= len(first) // 2
+    with pytest.raises(PruneError, match="samples"):
+        resolve_options({"samples": 0})
+
+
 def test_fast_mask_learning_lowers_training_loss(dense, examples):
     model, tok = dense
     cfg = config_for("fast")

@@ -57,7 +57,7 @@ def data_budget(tok, system: str, opts: dict) -> int:
     n, budget = opts["n_instructions"], opts.get("data_tokens")
     if not budget or n <= 64:
         return n
-    per = len(prompt_ids(tok, "", system)) + QUESTION_TOKENS + opts["max_new_tokens"]
+    per = (len(prompt_ids(tok, "", system)) + QUESTION_TOKENS + opts["max_new_tokens"]) * opts.get("samples", 1)
     return max(64, min(n, budget // per))
 
 
@@ -113,7 +113,8 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     pool, anchors, refs, band = _filter_inputs(model, opts)
     dtype = next(model.parameters()).dtype
     n = data_budget(tok, system, opts)
-    backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model, n + len(anchors))
+    backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model,
+                                                                   (n + len(anchors)) * opts["samples"])
     key = dataset_key(v=2, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=n, pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
@@ -121,7 +122,9 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
                       anchors=_digest(anchors), max_new_tokens=opts["max_new_tokens"], teacher_url=opts["teacher_url"],
                       teacher_model=opts["teacher_model"], temperature=opts["teacher_temperature"],
                       teacher_backend=opts["teacher_backend"] if opts["teacher_url"] else backend,
-                      dtype=str(dtype))
+                      dtype=str(dtype),
+                      **({"samples": opts["samples"], "sample_temperature": opts["sample_temperature"]}
+                         if opts["samples"] > 1 else {}))
     info = {"dataset_key": key, "n_instructions": n}
     rows = load_dataset(cache_dir, key) if cache_dir is not None else None
     if rows is not None:
@@ -140,7 +143,8 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     rows = rewrite(model, tok, system, [q for q, _ in picked] + anchors, max_new_tokens=opts["max_new_tokens"],
                    batch_size=opts["gen_batch_size"], temperature=opts["teacher_temperature"], seed=ctx.seed,
                    teacher_url=opts["teacher_url"], teacher_model=opts["teacher_model"],
-                   backend=backend, keep_engine=opts["teacher_backend"] != "auto", progress=lambda f: progress(0.3 + 0.7 * f))
+                   backend=backend, keep_engine=opts["teacher_backend"] != "auto", samples=opts["samples"],
+                   sample_temperature=opts["sample_temperature"], progress=lambda f: progress(0.3 + 0.7 * f))
     div = dict(picked)
     for r in rows:
         if r["instruction"] in div:

@@ -76,32 +76,46 @@ def resolve_backend(backend: str, model, n_instructions: int) -> str:
 def rewrite(model, tok, system: str | None, instructions: list[str], *, max_new_tokens: int = 96,
             batch_size: int = 16, temperature: float = 0.0, seed: int = 0, teacher_url: str | None = None,
             teacher_model: str | None = None, backend: str = "hf", keep_engine: bool = True,
+            samples: int = 1, sample_temperature: float = 0.8,
             progress: Callable[[float], None] = lambda f: None) -> list[dict]:
     """Rows {instruction, answer, finished}: the teacher's persona-conditioned answers.
 
     `backend` "vllm" runs the base model in a process-wide vLLM engine (worth it when one
     process prunes many personas); "hf" (default) batches transformers' generate, which for
     one persona's few dozen answers is faster than starting an engine (~20 s here); "auto" picks
-    (`resolve_backend`). With ``keep_engine=False`` an engine started here is stopped after."""
+    (`resolve_backend`). With ``keep_engine=False`` an engine started here is stopped after.
+    ``samples`` > 1 adds that many answers per instruction in all: the first at `temperature`, the
+    others sampled at `sample_temperature` with seeds seed+1, ... (rows marked ``sample``)."""
+    runs = [(temperature, seed)] + [(sample_temperature, seed + j) for j in range(1, samples)]
+    started = False
     if backend == "vllm" and not teacher_url:
         path = getattr(model.config, "_name_or_path", "")
         if not path or not Path(path).is_dir():
             raise PruneError("teacher_backend vllm needs a base model loaded from a local directory")
         started = not vllm_engine.running(path)
-        try:
-            pairs = vllm_engine.answers(path, system, instructions, max_new_tokens, temperature=temperature,
-                                        seed=seed, kv_cache_bytes=TEACHER_KV_BYTES)
-        finally:
-            if started and not keep_engine:  # a one-off teacher gives its memory back
-                vllm_engine.release(path)
-        progress(1.0)
+
+        def gen(temp, sd, _f):
+            return vllm_engine.answers(path, system, instructions, max_new_tokens, temperature=temp, seed=sd,
+                                       kv_cache_bytes=TEACHER_KV_BYTES)
     elif teacher_url:
         if not teacher_model:
             raise PruneError("teacher_url needs teacher_model")
-        pairs = openai_answers(system, instructions, max_new_tokens, url=teacher_url, model=teacher_model,
-                               temperature=temperature, seed=seed)
-        progress(1.0)
+
+        def gen(temp, sd, _f):
+            return openai_answers(system, instructions, max_new_tokens, url=teacher_url, model=teacher_model,
+                                  temperature=temp, seed=sd)
     else:
-        pairs = generate_detailed(model, tok, system, instructions, max_new_tokens, batch_size=batch_size,
-                                  temperature=temperature, seed=seed, progress=progress)
-    return [{"instruction": q, "answer": a, "finished": f} for q, (a, f) in zip(instructions, pairs) if a]
+        def gen(temp, sd, f):
+            return generate_detailed(model, tok, system, instructions, max_new_tokens, batch_size=batch_size,
+                                     temperature=temp, seed=sd, progress=f)
+    rows = []
+    try:
+        for j, (temp, sd) in enumerate(runs):
+            pairs = gen(temp, sd, lambda f, j=j: progress((j + f) / len(runs)))
+            rows += [{"instruction": q, "answer": a, "finished": f, **({"sample": j} if j else {})}
+                     for q, (a, f) in zip(instructions, pairs) if a]
+            progress((j + 1) / len(runs))
+    finally:
+        if started and not keep_engine:  # a one-off teacher gives its memory back
+            vllm_engine.release(getattr(model.config, "_name_or_path", ""))
+    return rows
