@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--fidelity-n", type=int, default=20,
                     help="questions per persona for the judge measures (retention, top-1, PMI; 0: off)")
     ap.add_argument("--fidelity-tokens", type=int, default=64, help="tokens of each own answer the judge scores")
+    ap.add_argument("--fidelity-references", type=int, default=8,
+                    help="reference personas the judge weighs each answer against (the first N shipped; "
+                         "every one costs a pass over the answers per model)")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--out", default=None, help="report folder (default: docs/, or the work folder for another --eval-dir)")
     ap.add_argument("--work", default=None, help="cache folder (default: .bench/quality, one per --eval-dir)")
@@ -214,6 +217,7 @@ def main() -> None:
         who = sp.persona or sp.system
         fid_qs = sp.questions[: a.fidelity_n]
         sys_u, sys_refs = persona_prompts(sp.system, sp.persona, refs)
+        sys_refs = sys_refs[: a.fidelity_references]
         dense_fid, fid_ref = {}, None
         if fid_qs:
             fid_ref = dense_reference(model, tok, sys_u, sys_refs, fid_qs,

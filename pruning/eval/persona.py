@@ -221,9 +221,12 @@ def persona_fidelity(dense, tok, sys_u: str, sys_refs: list[str], questions: lis
     judged_dense, pmi_dense = ref.judged, ref.pmi
     da, df = [a for a, _ in ref.answers], [f for _, f in ref.answers]
     oa, of = [a for a, _ in own_answers], [f for _, f in own_answers]
-    judged = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
-    pmi = pmi_per_question(model if model is not None else dense, tok, sys_u, sys_refs, questions, da, df,
-                           masks=None if model is not None else masks, batch_size=batch_size)
+    if model is None and masks is None and list(own_answers) == list(ref.answers):
+        judged, pmi = judged_dense, pmi_dense  # the dense base itself: its side is computed already
+    else:
+        judged = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
+        pmi = pmi_per_question(model if model is not None else dense, tok, sys_u, sys_refs, questions, da, df,
+                               masks=None if model is not None else masks, batch_size=batch_size)
     den = sum(pmi_dense)
     out = {**judged.summary(seed), **retention(judged.margins, judged_dense.margins, seed),
            "pmi": round(_mean(pmi), 5), "pmi_retention": round(sum(pmi) / den, 4) if den else float("nan"),
