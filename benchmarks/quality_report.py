@@ -177,7 +177,8 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
         lines += ["", "## Persona fidelity (the dense base as judge: `pruning/eval/persona.py`)", "",
                   f"Each model's own greedy answers ({a.fidelity_tokens} tokens, first {a.fidelity_n} questions) under "
                   "the persona's prompt; judge margin = mean over the reference personas of NLL(answer | their prompt) "
-                  "- NLL(answer | the persona's), per token; retention = margin / the dense base's on the same "
+                  "- NLL(answer | the persona's), per token, over " + (f"the first {a.fidelity_references} shipped"
+                  if getattr(a, "fidelity_references", None) else "the shipped") + " reference personas; retention = margin / the dense base's on the same "
                   "questions; top-1 = share of answers the persona's own prompt explains best; PMI retention = the "
                   "margin teacher-forced on the dense answers, under the model / under the dense base; degenerate = "
                   "looping answers (margin 0).", "",

@@ -352,6 +352,7 @@ def promote(srv: Server, ids: list[str], args, timeout: float = 300) -> list[str
 def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config: str, args) -> dict:
     """config: a slot count of swap engines, "-nobind" appended for vLLM's own CPU binding (every
     engine on core 0); "mixed-N": N mask engines, every NPC in the same batches (NPC_MIXED_BATCHES);
+    "-c" appended to "mixed-N": its mask engines with torch.compile (NPC_MIXED_COMPILE);
     "-hot" appended: a busy NPC is promoted to an engine of its own (NPC_HOT_NPCS=1; "-hotc": that
     engine with torch.compile), and each load is measured once the promotion has happened."""
     mixed = config.startswith("mixed-")
@@ -361,7 +362,8 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
            "NPC_MAX_WAITING": "256", "NPC_CPU_BIND": "false" if config.endswith("nobind") else "true",
            "NPC_MIXED_BATCHES": "1" if mixed else "0", "NPC_INSTANT_NPCS": "1" if mixed else "0",
            "NPC_CORE_SPARSITY": str(args.core), "NPC_HOT_NPCS": "1" if hot else "0",
-           "NPC_HOT_COMPILE": "1" if config.endswith("-hotc") else "0", "NPC_HOT_AFTER_S": "5"}
+           "NPC_HOT_COMPILE": "1" if config.endswith("-hotc") else "0", "NPC_HOT_AFTER_S": "5",
+           "NPC_MIXED_COMPILE": "1" if "-c" in config.removesuffix("-hotc").removesuffix("-hot") else "0"}
     srv = Server(tmp / f"serve-{config}", models, extra_env=env).start()
     try:
         ids = [n["id"] for n in npcs if n["sparsity"] == args.sparsities[0]]

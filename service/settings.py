@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     hot_after_s: float = Field(10.0, ge=1, description="seconds of sustained load before an NPC is promoted")
     hot_idle_s: float = Field(60.0, ge=1, description="seconds of low load before a hot NPC is demoted")
     hot_compile: bool = Field(False, description="hot engines run vLLM's torch.compile (no LoRA there)")
+    mixed_compile: bool = Field(False, description="mixed engines run vLLM's torch.compile (their mask layer is "
+                                "compile-safe; the first start of a shape compiles for minutes, later ones "
+                                "read vLLM's compile cache)")
     mixed_batch_npcs: int = Field(32, ge=1, description="distinct NPCs in one engine batch (vLLM max_loras)")
     mixed_loaded_npcs: int = Field(512, ge=1, description="NPC masks an engine keeps loaded (vLLM max_cpu_loras)")
     tenant_max_npcs: int = Field(1000, ge=1, description="NPC records one API key may hold (admin keys: no cap)")

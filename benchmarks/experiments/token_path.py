@@ -9,7 +9,8 @@ system prompts, max_tokens 48, after one warm-up round):
   plain-bound  compute bound to every core (what NPC_CPU_BIND does for one engine)
   mask         a mask engine (enable_lora + the down_proj mask layer), requests without adapters
   mask-lora    a mask engine, every request carrying its NPC's mask adapter
-  X+compiled   X with vLLM's torch.compile (what plain `vllm serve` does) instead of eager mode
+  X+compiled   X with vLLM's torch.compile (what plain `vllm serve` does) instead of eager mode (mask
+               engines too: `service.engines.launch.mask_compile`)
   X+fp32       X in float32 instead of bfloat16 (CPUs without AVX-512 bf16 fall back to slow bf16 GEMMs)
 Prints one PROBE JSON line per configuration: tokens/s, ITL p50.
 """
@@ -66,7 +67,7 @@ async def run(config: str, base: Path, rounds: int) -> dict:
 
     from pruning.chat import chat_ids
     from pruning.engine_args import binding_env, engine_kwargs
-    from service.engines.launch import MASK_ENGINE_ENV, SWAP_WORKER
+    from service.engines.launch import MASK_ENGINE_ENV, SWAP_WORKER, mask_compile
     from service.npcs.persona import system_prompt
 
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -83,9 +84,10 @@ async def run(config: str, base: Path, rounds: int) -> dict:
     if mask:
         extra = dict(enable_lora=True, max_lora_rank=8, lora_target_modules=["down_proj"], max_loras=32,
                      max_cpu_loras=32, worker_extension_cls=SWAP_WORKER)
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
-        str(base), kv_cache_bytes=256 << 20, **extra, **({"enforce_eager": False} if "compiled" in flags else {}),
-        **({"dtype": "float32"} if "fp32" in flags else {}))))
+    with mask_compile(mask and "compiled" in flags):
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
+            str(base), kv_cache_bytes=256 << 20, **extra, **({"enforce_eager": False} if "compiled" in flags else {}),
+            **({"dtype": "float32"} if "fp32" in flags else {}))))
     loras = [None]
     if config == "mask-lora":
         from service.engines.vllm_ext.masks import write_mask_adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pruning.engine_args import binding_env, engine_kwargs, spawn_env
@@ -32,6 +33,41 @@ def engine_args(settings, ckpt: Path, mask: bool = False, compiled: bool = False
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True), **extra))
 
 
+@contextmanager
+def mask_compile(on: bool):
+    """Inside: vLLM's CPU platform keeps torch.compile for an engine with LoRA on. It turns
+    compile off whenever LoRA is on, for its punica kernels; a mask engine's only LoRA layer is
+    `MaskedDownProj` (vllm_ext/masks.py), plain tensor ops over buffers updated in place, so the
+    platform's check runs as if LoRA were off and the config keeps its LoRA part."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if not on or "check_and_update_config" not in vars(cls) or not current_platform.is_cpu():
+        yield
+        return
+    orig = vars(cls)["check_and_update_config"]
+
+    def check(_cls, vllm_config) -> None:
+        lora = vllm_config.lora_config
+        object.__setattr__(vllm_config, "lora_config", None)
+        try:
+            orig.__func__(_cls, vllm_config)
+        finally:
+            object.__setattr__(vllm_config, "lora_config", lora)
+
+    cls.check_and_update_config = classmethod(check)
+    try:
+        yield
+    finally:
+        cls.check_and_update_config = orig
+
+
+def compiled(engine) -> bool:
+    """Whether a started engine runs vLLM's torch.compile (its config after the platform's checks)."""
+    cfg = getattr(getattr(engine, "vllm_config", None), "compilation_config", None)
+    return cfg is not None and getattr(cfg.mode, "name", "NONE") != "NONE"
+
+
 def pick_core(settings, used: list[str | None]) -> str | None:
     """The least used core: vLLM would pin every engine's worker to core 0."""
     if not settings.cpu_bind:
@@ -47,7 +83,7 @@ def start_engine(settings, ckpt: Path, mask: bool, core: str | None, compiled: b
 
     t0 = time.time()
     env = {**binding_env(core), MASK_ENGINE_ENV: "1" if mask else "0"}
-    with spawn_env(env):
+    with spawn_env(env), mask_compile(mask and compiled):
         engine = AsyncLLM.from_engine_args(engine_args(settings, ckpt, mask, compiled))
     log.info("engine for %s started in %.1fs (core %s)", ckpt, time.time() - t0, core or "vLLM default")
     return engine

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import metrics
+from service.engines.launch import compiled
 from service.engines.slot import NpcWeights, Slot
 from service.errors import ApiError
 
@@ -207,6 +208,7 @@ class MixedStrategy:
         return {
             "shape": s.shape(), "slot": s.index,
             "mode": "mixed", "core": s.core, "npc": None, "npcs": npcs, "in_flight": s.inflight,
+            "compiled": compiled(s.engine),
             "waiting": max(0, s.inflight - self.pool.settings.mixed_batch_npcs), "waiting_npcs": [],
             "swapping_to": None, "swaps": 0, "last_swap": None, "last_used": s.last_used,
             "keep_alive": None, "pinned": self.slot_pinned(s), "expires_at": None,

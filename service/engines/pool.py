@@ -178,7 +178,8 @@ class EnginePool:
             core = pick_core(self.settings, [s.core for s in self.all_slots()])
 
             async def start():
-                engine = await asyncio.to_thread(start_engine, self.settings, w.ckpt, w.mask, core)
+                engine = await asyncio.to_thread(start_engine, self.settings, w.ckpt, w.mask, core,
+                                                 compiled=bool(w.mask and self.settings.mixed_compile))
                 try:
                     # a pruned export keeps the base's other weights: the first compact swap needs only the FFN
                     await engine.collective_rpc("npc_mark_started", args=(w.compact,))
