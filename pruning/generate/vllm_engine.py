@@ -66,10 +66,20 @@ def chat_generate(model_dir: str | Path, conversations: list[list[dict]], max_ne
     if not conversations:
         return []
     llm = engine(model_dir, kv_cache_bytes)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature), seed=seed,
+    # a per-request seed gives each request a generator of its own, which vLLM rewinds after a
+    # partial prefill; a CPU generator cannot rewind ("CPU Generator does not use offset"), so on
+    # CPU sampled answers draw from the engine's seeded generator instead
+    per_request = seed if temperature <= 0 or not _on_cpu() else None
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature), seed=per_request,
                             top_p=1.0, skip_special_tokens=True)
     outs = llm.chat(conversations, params, use_tqdm=False)
     return [(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "stop") for o in outs]
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def answers(model_dir: str | Path, system: str | None, questions: list[str], max_new_tokens: int, **kw):

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 from service.engines.vllm_ext import masks  # noqa: F401  registers the masked down_proj in this worker
+from service.engines.vllm_ext import seeds
+
+seeds.patch()
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _FFN_ROWS = (".mlp.gate_proj.weight", ".mlp.up_proj.weight")
