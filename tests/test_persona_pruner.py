@@ -12,7 +12,6 @@ from pruning import PruneError
 from pruning.checkpoint import keep_count, select_kept
 from pruning.datasets import load_reference_personas
 from pruning.eval.metrics import Evaluator
-from pruning.eval.persona import TEMPLATE
 from pruning.manifest import Manifest
 from pruning.methods import METHODS, PruneContext
 from pruning.methods.persona_pruner.data import build_dataset, persona_examples, warm_reference_states
@@ -296,19 +295,6 @@ def test_relative_divergence_prefers_the_personas_topics(dense):
                  "What's a good dessert to serve at a dinner party?", "What is 7 times 8?"]
     d = persona_divergence(model, tok, chef, questions, load_reference_personas(), relative=True)
     assert d[1] > d[0] and d[1] > d[2], d
-
-
-def test_the_filter_measures_the_persona_as_it_measures_the_references(dense, cache_dir, fast_rows):
-    """A chat-time template around the persona changes what the teacher answers under, not which
-    instructions the filter picks: the references are bare descriptions, so the target is too."""
-    model, tok = dense
-    wrapped = TEMPLATE.format(persona=PERSONA_A)
-    ctx = PruneContext(persona=PERSONA_A, system_prompt=wrapped, sparsity=0.25, options={"profile": "fast"},
-                       cache_dir=cache_dir)
-    rows, info = build_dataset(model, tok, ctx, resolve_options(ctx.options), "test-base", cache_dir)
-    assert not info["dataset_cached"]  # its own set: the answers are written under the wrapped prompt
-    div = lambda rs: {r["instruction"]: r["divergence"] for r in rs if "divergence" in r}  # noqa: E731
-    assert div(rows) == div(fast_rows) and div(rows)
 
 
 def test_an_external_teachers_answers_are_learned_by_cross_entropy(dense, cache_dir, server, npc_a):

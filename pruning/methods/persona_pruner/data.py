@@ -98,14 +98,6 @@ def warm_reference_states(model, tok, options: dict | None = None, *, seed: int 
     return True
 
 
-def filter_persona(ctx: PruneContext) -> str:
-    """The target persona as the filter measures it: the description alone, as the reference
-    personas are measured. (The chat-time prompt wraps the description in a template; measured
-    against bare references, part of the divergence was the wrapper's, and a template of the
-    NPC's own would make the cached reference states per NPC.)"""
-    return (ctx.persona or "").strip() or ctx.chat_system
-
-
 def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache_dir: Path | None,
                   progress=lambda f: None) -> tuple[list[dict], dict]:
     """Filtered + rewritten (instruction, answer) rows for the persona, from the cache when present."""
@@ -115,7 +107,7 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
     n = data_budget(tok, system, opts)
     backend = "openai" if opts["teacher_url"] else resolve_backend(opts["teacher_backend"], model,
                                                                    (n + len(anchors)) * opts["samples"])
-    key = dataset_key(v=2, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
+    key = dataset_key(v=1, system=system, persona=ctx.persona, base=base_id, pool=_digest(pool),
                       refs=_digest(refs), n=n, pool_size=opts["pool_size"],
                       n_refs=opts["n_references"], band=list(band), seed=ctx.seed, center=opts["center"],
                       **({"relative": True} if opts["relative"] else {}),  # plain keys stay as they were
@@ -133,8 +125,10 @@ def build_dataset(model, tok, ctx: PruneContext, opts: dict, base_id: str, cache
         return rows, info
     t0 = time.time()
     ctx.stage("filtering")
+    # the target under its chat-time prompt against bare reference descriptions: measuring the
+    # target bare too picked data that kept less of the persona (docs/quality_experiments.md)
     picked = [] if n <= 0 else select_instructions(
-        model, tok, filter_persona(ctx), n, pool=pool, pool_size=opts["pool_size"], references=refs,
+        model, tok, system, n, pool=pool, pool_size=opts["pool_size"], references=refs,
         n_references=opts["n_references"], band=band, seed=ctx.seed, center=opts["center"],
         batch_size=opts["sens_batch_size"], cache_dir=cache_dir, base_id=base_id, relative=bool(opts["relative"]),
         progress=lambda f: progress(0.3 * f))
