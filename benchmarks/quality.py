@@ -132,6 +132,7 @@ def main() -> None:
                          "(e.g. rerun persona-pruner after a change against the stored baselines)")
     ap.add_argument("--note", default="", help="why this run was made (kept in the report's run log)")
     a = ap.parse_args()
+    a.options = json.loads(a.options)
     if a.gen_dense:
         gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
         return
@@ -257,10 +258,10 @@ def main() -> None:
                 scores = persona_scores[m]
             elif m == "activation-persona":  # persona-pruner's synthetic set (cached), no learning
                 if m not in persona_scores:
-                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {**json.loads(a.options), "profile": a.profile}, work))
+                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {**a.options, "profile": a.profile}, work))
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
-                ctx = persona_context(sp, s, {**json.loads(a.options), "profile": a.profile}, work)
+                ctx = persona_context(sp, s, {**a.options, "profile": a.profile}, work)
                 scores = get_method(m)(model, tok, ctx)
                 scales = ctx.channel_scales
                 info = ctx.info.get("persona_pruner", {})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pruning import PruneError
 from pruning.chat import messages
-from pruning.engine_args import binding_env, env_engine_kwargs, small_box_cores, spawn_env
+from pruning.engine_args import binding_env, cpu_platform, env_engine_kwargs, small_box_cores, spawn_env
 
 _ENGINES: dict[str, object] = {}
 
@@ -69,17 +69,11 @@ def chat_generate(model_dir: str | Path, conversations: list[list[dict]], max_ne
     # a per-request seed gives each request a generator of its own, which vLLM rewinds after a
     # partial prefill; a CPU generator cannot rewind ("CPU Generator does not use offset"), so on
     # CPU sampled answers draw from the engine's seeded generator instead
-    per_request = seed if temperature <= 0 or not _on_cpu() else None
+    per_request = seed if temperature <= 0 or not cpu_platform() else None
     params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature), seed=per_request,
                             top_p=1.0, skip_special_tokens=True)
     outs = llm.chat(conversations, params, use_tqdm=False)
     return [(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "stop") for o in outs]
-
-
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 def answers(model_dir: str | Path, system: str | None, questions: list[str], max_new_tokens: int, **kw):
