@@ -177,9 +177,11 @@ class MaskTrainer:
 
     def __init__(self, model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  init_scores: list[torch.Tensor] | None = None, dense: DenseTargets | None = None,
-                 progress: Callable[[float], None] = lambda f: None, allowed: torch.Tensor | None = None):
+                 progress: Callable[[float], None] = lambda f: None, allowed: torch.Tensor | None = None,
+                 token_weights: Callable | None = None):
         """`dense`: targets from an earlier `dense_pass` over the same examples (then `init_scores`
-        is required): trainers that differ only in their settings share one pass."""
+        is required): trainers that differ only in their settings share one pass. `token_weights`:
+        the dense targets' batches -> a weight per scored token of each batch (the loss's weights)."""
         if not examples:
             raise PruneError("mask learning needs at least one training example")
         torch.manual_seed(cfg.seed)
@@ -212,6 +214,7 @@ class MaskTrainer:
         if allowed is not None:  # far below any reachable score: Adam moves a score by ~lr a step
             init = init.masked_fill(~allowed.to(init.device), FORBIDDEN)
         self.init = init
+        self.weights = token_weights(self.dense.batches) if token_weights is not None else None
         self.sc = ChannelScores(init, k, cfg)
         self.opt = torch.optim.Adam([self.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.history: list[dict] = []
@@ -237,7 +240,11 @@ class MaskTrainer:
                 ce, kl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
         finally:
             self.sc._current = None
-        loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
+        if self.weights is not None:
+            w = self.weights[b].to(ce.device)
+            loss = (w * (self.cfg.ce_weight * ce + self.cfg.kl_weight * kl)).mean()
+        else:
+            loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
         return loss, ce, kl
 
     def step(self) -> dict:
@@ -265,13 +272,14 @@ class MaskTrainer:
 
 def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  progress: Callable[[float], None] = lambda f: None, log_every: int = 0,
-                 init_scores: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None) -> LearnResult:
+                 init_scores: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
+                 token_weights: Callable | None = None) -> LearnResult:
     """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher
-    (`allowed`: (L, C) bool, the only channels the mask may keep)."""
+    (`allowed`: (L, C) bool, the only channels the mask may keep; `token_weights`: see MaskTrainer)."""
     t0 = time.time()
     with frozen(model):
         tr = MaskTrainer(model, tok, examples, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f),
-                         allowed=allowed)
+                         allowed=allowed, token_weights=token_weights)
         total = cfg.steps + cfg.scale_steps
         for step in range(total):
             if step == cfg.steps:
