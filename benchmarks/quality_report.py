@@ -77,9 +77,12 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
             others = [x["persona_kl"] for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
             wins += all(row["persona_kl"] < o for o in others)
         bm = {m: out["by_method"][f"{m}@{s}"] for m in base}
+        me = out["by_method"][f"persona-pruner@{s}"]
+        if not bm:  # persona-pruner alone (a rerun after a change): nothing to compare with
+            out["checks"][str(s)] = {"retention": me["retention"], "personas": len(pp)}
+            continue
         best_p = min(bm, key=lambda m: bm[m]["persona_kl"])
         best_g = min(bm, key=lambda m: bm[m]["general_kl"])
-        me = out["by_method"][f"persona-pruner@{s}"]
         retention_wins = 0
         for u, row in pp.items():
             others = [x.get("retention") for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
@@ -196,6 +199,10 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(bm[f'{m}@{sparsities[0]}']['degenerate'], 2)} |")
     lines += ["", "## Checks", ""]
     for s, c in summary["checks"].items():
+        if "wins" not in c:
+            lines.append(f"- sparsity {s}: persona-pruner alone (no baseline in this run): retention "
+                         f"**{_fmt(c['retention'], 3)}** over {c['personas']} personas.")
+            continue
         lines.append(f"- sparsity {s}: persona-pruner has the lowest persona KL for **{c['wins']}/{c['personas']}** "
                      f"personas; its mean persona KL is **{c['persona_kl_ratio_to_best']:.1%}** of the best baseline's "
                      f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "

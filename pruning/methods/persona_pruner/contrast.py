@@ -5,7 +5,7 @@ an answer than other personas' prompts do. A plain KL to the dense model spends 
 on every token alike, and most answer tokens ("the", "is", punctuation) would be the same under
 any persona. So with ``persona_weight`` = a > 0 each scored token t gets the weight
 
-    w_t = (1 + a * r_t / mean(r)) / (1 + a),   r_t = max(0, log p(t | sys_u) - mean_v log p(t | sys_v))
+    w_t = (1 + a * r_t / mean(r)) / (1 + a),   r_t = clip(log p(t | sys_u) - mean_v log p(t | sys_v), 0, q95)
 
 from the dense model teacher-forced on the same answers under the persona's prompt (u) and under
 `contrast_references` reference personas' prompts in the same template (v). The weights average
@@ -77,7 +77,10 @@ def persona_token_weights(model, tok, examples: list[Example], batches: list[lis
     own = answer_logps(model, tok, examples, batches)
     refs = [answer_logps(model, tok, reswap_system(tok, examples, system, s), batches) for s in contrast]
     pmi = [o - torch.stack([r[b] for r in refs]).mean(0) for b, o in enumerate(own)]
-    r = [p.clamp_min(0) for p in pmi]
+    # a few tokens (a name after its first piece) reach PMIs of several nats: capped at the 95th
+    # percentile so that they do not take the whole loss
+    cap = float(torch.quantile(torch.cat(pmi).clamp_min(0), 0.95))
+    r = [p.clamp(0, cap) for p in pmi]
     scale = float(torch.cat(r).mean()) or 1.0
     weights = [(1 + alpha * x / scale) / (1 + alpha) for x in r]
     allp = torch.cat(pmi)
