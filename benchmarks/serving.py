@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -186,7 +187,7 @@ async def engine_decode(ckpts: dict[str, Path], batch: int, tokens: int, rounds:
 
 
 async def client_load(url: str, targets: list[tuple[str, str | None]], pattern: str, n_requests: int,
-                      concurrency: int, max_tokens: int, seed: int = 0) -> dict:
+                      concurrency: int, max_tokens: int, seed: int = 0, min_tokens: int = 0) -> dict:
     """`concurrency` streaming chat clients sending `n_requests` in all to `targets`: (model, system
     prompt or None; the server adds an NPC's own)."""
     rng = random.Random(seed)
@@ -203,6 +204,7 @@ async def client_load(url: str, targets: list[tuple[str, str | None]], pattern: 
             if system is not None:
                 messages.insert(0, {"role": "system", "content": system})
             body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": k,
+                    **({"min_tokens": min_tokens} if min_tokens else {}),
                     "stream_options": {"include_usage": True}, "messages": messages}
             t = time.time()
             first = last = None
@@ -304,11 +306,11 @@ def run_loads(url: str, targets: list[tuple[str, str | None]], args, label: str,
     for n_npcs, pattern in loads(args):
         if full_warmup:
             asyncio.run(client_load(url, targets[:n_npcs], pattern, args.requests, args.concurrency,
-                                    args.max_tokens))
+                                    args.max_tokens, min_tokens=args.min_tokens))
         if args.warmup:  # steady state: every NPC has been talked to once (loaded, persona prefix cached)
             asyncio.run(client_load(url, targets[:n_npcs], "round-robin", n_npcs, args.concurrency, 4))
         r = asyncio.run(client_load(url, targets[:n_npcs], pattern, args.requests, args.concurrency,
-                                    args.max_tokens))
+                                    args.max_tokens, min_tokens=args.min_tokens))
         r["slots"], r["rss_gib"] = label, tree_rss_gib(pid)
         print(json.dumps(r), flush=True)
         runs.append(r)
@@ -382,8 +384,15 @@ def serve_runs(models: Path, redis_url: str, tmp: Path, npcs: list[dict], config
             res["cold_ttft"] = cold_ttft(srv, ids[slots + 1: slots + 1 + args.cold])
             if mixed:  # instant NPCs ride the mixed engine (an all-ones mask)
                 res["instant_ttft"] = instant_ttft(srv, 4)
-        res["runs"] = run_loads(srv.url, [(i, None) for i in ids], args, config, srv.proc.pid)
+        # a compiled engine, like the baseline's, compiles each new batch shape on first sight
+        res["runs"] = run_loads(srv.url, [(i, None) for i in ids], args, config, srv.proc.pid,
+                                full_warmup="-c" in config)
         return res
+    except Exception:
+        # the server's log lives in the run's temporary folder: show why before it goes
+        print(f"--- {config}: the server's log, last 6000 characters ---\n{srv.log.read_text()[-6000:]}",
+              file=sys.stderr, flush=True)
+        raise
     finally:
         srv.stop()
 
@@ -393,7 +402,6 @@ def baseline_runs(base: Path, npcs: list[dict], args) -> dict:
     defaults: torch.compile, its CPU binding; prefix caching on, the KV cache and dtype our engines
     get), every NPC's persona sent as the system prompt."""
     import subprocess
-    import sys
 
     from pruning.engine_args import engine_dtype
     from service.devserver import free_port
@@ -449,6 +457,9 @@ def main() -> None:
                     help="(c) without a first unmeasured request to every NPC: first contacts included")
     ap.add_argument("--rounds", type=int, default=5, help="decode rounds per engine in (a)")
     ap.add_argument("--sparsities", default="0.25,0.5")
+    ap.add_argument("--min-tokens", type=int, default=0,
+                    help="(c) every answer runs to at least this many tokens (vLLM's min_tokens; both servers): "
+                         "equal work per request whatever a model's answer length")
     ap.add_argument("--core", type=float, default=0.0,
                     help="serve on the base's shared core at this sparsity (NPC_CORE_SPARSITY): NPCs are cut "
                          "within it and the mixed engines run it; --sparsities must be at or above it")

@@ -56,9 +56,12 @@ class MaskLearnConfig:
     # down_proj's columns (0: the plain mask)
     scale_steps: int = 0
     scale_lr: float = 0.01
-    # > 0: each token's loss weighted by how much the persona's prompt raises it over other
-    # personas' prompts under the dense model (persona_pruner/contrast.py)
-    persona_weight: float = 0.0
+    # "cosine": each phase's learning rate decays to 0 over its steps
+    lr_schedule: str = "constant"
+    # > 0: this share of the examples is held out; their KL under the current mask is checked every
+    # `eval_every` steps and the best mask (and scales) seen is the one returned (early stopping)
+    holdout: float = 0.0
+    eval_every: int = 4
     seed: int = 0
     max_length: int = 512
 
@@ -70,7 +73,7 @@ class MaskLearnConfig:
             elif f.type == "bool" and not isinstance(v, bool):
                 raise PruneError(f"option {f.name} must be true or false, got {v!r}")
         for name, allowed in (("variant", VARIANTS), ("ste_grad", ("identity", "sigmoid")), ("init", INITS),
-                              ("fisher_target", ("answer", "sampled"))):
+                              ("fisher_target", ("answer", "sampled")), ("lr_schedule", ("constant", "cosine"))):
             if getattr(self, name) not in allowed:
                 raise PruneError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
 
@@ -78,8 +81,8 @@ class MaskLearnConfig:
 # bounds a caller may set: step counts a worker finishes in hours, not weeks
 _RANGES = {"steps": (0, 5000), "scale_steps": (0, 5000), "batch_size": (1, 256), "kl_topk": (1, 4096),
            "max_length": (16, 8192), "lr": (0, 10), "scale_lr": (0, 10), "ce_weight": (0, 100),
-           "kl_weight": (0, 100), "persona_weight": (0, 100), "temperature": (0, 100), "fisher_weight": (0, 1), "weight_decay": (0, 10),
-           "seed": (0, 2**32 - 1)}
+           "kl_weight": (0, 100), "holdout": (0, 0.5), "eval_every": (1, 1000),
+           "temperature": (0, 100), "fisher_weight": (0, 1), "weight_decay": (0, 10), "seed": (0, 2**32 - 1)}
 
 # -- profiles ----------------------------------------------------------------------------
 
@@ -125,7 +128,7 @@ OPTIONS = {
     "profile", "n_instructions", "pool_size", "n_references", "band", "max_new_tokens",
     "teacher_url", "teacher_model", "teacher_temperature", "gen_batch_size", "sens_batch_size",
     "pool_path", "references_path", "pool_calibration", "teacher_backend", "center", "n_anchor", "compute_dtype", "use_cache", "log_every", "relative",
-    "data_tokens", "extra_instructions", "samples", "sample_temperature", "contrast_references",
+    "data_tokens", "extra_instructions", "samples", "sample_temperature",
     *LEARN_KEYS,
 }
 MAX_EXTRA_INSTRUCTIONS = 64  # questions always in the data, beside the filtered ones (a card's lore)
@@ -139,8 +142,7 @@ MAX_REQUEST_OPTIONS_CHARS = 4096
 # the data options a caller may set, and their bounds (None allowed where the profile uses it)
 _COUNTS = {"n_instructions": (0, 4096), "pool_size": (1, 100_000), "n_references": (1, 1000),
            "max_new_tokens": (1, 1024), "gen_batch_size": (1, 256), "sens_batch_size": (1, 1024),
-           "n_anchor": (0, 1024), "data_tokens": (1000, 100_000_000), "samples": (1, 64),
-           "contrast_references": (1, 64)}
+           "n_anchor": (0, 1024), "data_tokens": (1000, 100_000_000), "samples": (1, 64)}
 
 
 def resolve_options(options: dict | None) -> dict:
@@ -159,9 +161,7 @@ def resolve_options(options: dict | None) -> dict:
            "compute_dtype": "auto", "use_cache": True, "teacher_backend": "auto",
            "log_every": 0, "extra_instructions": [],
            # answers per instruction: the first as the teacher writes it, the others sampled
-           "samples": 1, "sample_temperature": 0.8,
-           # reference personas that weigh tokens when persona_weight > 0 (persona_pruner/contrast.py)
-           "contrast_references": 4, **prof, **learn}
+           "samples": 1, "sample_temperature": 0.8, **prof, **learn}
     out.update({k: v for k, v in opts.items() if v is not None or k in ("pool_size", "n_references")})
     if out["teacher_url"]:
         # an external teacher's answers are the target: cross-entropy on them (KL to the base's own

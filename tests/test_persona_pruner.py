@@ -14,9 +14,8 @@ from pruning.datasets import load_reference_personas
 from pruning.eval.metrics import Evaluator
 from pruning.manifest import Manifest
 from pruning.methods import METHODS, PruneContext
-from pruning.methods.persona_pruner.contrast import contrast_systems, persona_token_weights, reswap_system
 from pruning.methods.persona_pruner.data import build_dataset, persona_examples, warm_reference_states
-from pruning.methods.persona_pruner.masklearn import MaskTrainer, learn_scores
+from pruning.methods.persona_pruner.masklearn import MaskTrainer, learn_scores, split_holdout
 from pruning.methods.persona_pruner.precision import in_precision
 from pruning.methods.persona_pruner.sensitivity import persona_divergence
 from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses
@@ -235,6 +234,7 @@ def test_scale_phase_learns_only_the_kept_channels_scales(dense, examples):
     ({"scale_steps": True}, "scale_steps must be a whole number"), ({"init": "bogus"}, "unknown init"),
     ({"n_instructions": 10**6}, "n_instructions must be a whole number"),
     ({"teacher_temperature": -1}, "teacher_temperature"),
+    ({"lr_schedule": "linear"}, "unknown lr_schedule"), ({"holdout": 0.9}, r"holdout must be .* in \[0, 0.5\]"),
 ])
 def test_bad_option_values_fail_before_any_work(bad, msg):
     from pruning.options import learn_config
@@ -350,36 +350,22 @@ def test_the_vllm_teacher_samples_answers(dense, cache_dir):
     assert sum(first.get(q) != a for q, a in sampled.items()) >= len(sampled) // 2
 
 
-def test_persona_token_weights_mark_what_the_persona_explains(dense, examples, cache_dir):
-    """Token weights: the same answers under another persona's prompt line up token for token, a
-    token the persona explains weighs more than one any persona would write, and a prune with
-    `persona_weight` learns on them (it records their summary)."""
+def test_early_stopping_returns_the_best_held_out_mask(dense, examples):
+    """With `holdout` the learner checks the held-out examples' KL as it goes (the initial mask
+    included) and returns the best mask and scales seen: their held-out KL is the best one checked."""
     model, tok = dense
-    refs = contrast_systems(PERSONA_A, PERSONA_A, load_reference_personas(), 2)
-    assert len(refs) == 2 and all(PERSONA_A not in r for r in refs)
-    swapped = reswap_system(tok, examples, PERSONA_A, refs[0])
-    built = make_examples(tok, refs[0], ["Who are you?"], ["I am Rook, captain of this ship."])
-    alone = reswap_system(tok, make_examples(tok, PERSONA_A, ["Who are you?"], ["I am Rook, captain of this ship."]),
-                          PERSONA_A, refs[0])
-    assert alone[0] == built[0]
-    assert [e.ids[e.n_prompt:] for e in swapped] == [e.ids[e.n_prompt:] for e in examples]
-
-    probe = make_examples(tok, PERSONA_A, ["Who are you?"], ["I am Rook, captain of this ship, and I hate the navy."])
-    w, summary = persona_token_weights(model, tok, probe, [[0]], PERSONA_A, refs, 1.0)
-    ids = probe[0].ids[probe[0].n_prompt:]
-    first = next(i for i in range(len(ids)) if "Rook" in tok.decode(ids[: i + 1]))
-    start = max(i for i in range(first + 1) if "Rook" in tok.decode(ids[i: first + 1]))
-    assert float(w[0][start: first + 1].max()) > 1.0  # the persona's own name
-    assert float(w[0].min()) >= 0.5 - 1e-6  # 1 / (1 + a): a token no persona explains better
-    assert abs(float(w[0].mean()) - 1.0) < 1e-4 and summary["contrast_references"] == 2
-
-    ctx = PruneContext(persona=PERSONA_A, sparsity=0.25, cache_dir=cache_dir, base_id="test-base",
-                       options={"profile": "fast", "persona_weight": 1.0, "contrast_references": 2})
-    scores = METHODS["persona-pruner"](model, tok, ctx)
-    plain = METHODS["persona-pruner"](model, tok, replace(ctx, options={"profile": "fast"}, info={}))
-    info = ctx.info["persona_pruner"]
-    assert info["token_weights"]["persona_weight"] == 1.0 and info["token_weights"]["contrast_references"] == 2
-    assert any(not torch.equal(a, b) for a, b in zip(scores, plain))  # the weights moved the learning
+    cfg = replace(config_for("fast"), holdout=0.25, eval_every=1, lr_schedule="cosine", lr=0.5)
+    res = learn_scores(model, tok, examples, K, cfg)
+    checked = [h["held_kl"] for h in res.history if "held_kl" in h]
+    assert len(checked) == cfg.steps + cfg.scale_steps
+    train, held = split_holdout(examples, cfg.holdout, cfg.seed)
+    assert len(held) == round(len(examples) * 0.25) and len(train) + len(held) == len(examples)
+    assert res.held_out["examples"] == len(held) and -1 <= res.held_out["best_step"] < len(checked)
+    assert res.held_out["best_kl"] <= min(checked) + 1e-4
+    masks = [m * sc for m, sc in zip(kept_masks(model, select_kept(res.scores, K)), res.scales)]
+    dense_held = dense_pass(model, tok, held, shared_prompt_len(held), cfg.batch_size, cfg.kl_topk)[0]
+    again = masked_losses(model, tok, held, masks, shared_prompt_len(held), dense=dense_held)["kl"]
+    assert again == pytest.approx(res.held_out["best_kl"], abs=2e-3)
 
 
 def test_fast_mask_learning_lowers_training_loss(dense, examples):

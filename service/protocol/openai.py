@@ -98,6 +98,8 @@ class ChatCompletionRequest(KeepAliveMixin):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: no stop (end of turn or `stop`) "
+                                   "before this many tokens (capped at max_tokens)")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
@@ -157,6 +159,8 @@ class CompletionRequest(KeepAliveMixin):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: no stop (end of turn or `stop`) "
+                                   "before this many tokens (capped at max_tokens)")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)

@@ -76,7 +76,7 @@ class ChatServing(Serving):
             n=req.n,
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            max_tokens=max_tokens,
+            max_tokens=max_tokens, min_tokens=min(req.min_tokens or 0, max_tokens),
             stop=stop or None,
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,

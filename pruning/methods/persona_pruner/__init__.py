@@ -27,8 +27,6 @@ import torch
 from pruning import PruneError
 from pruning.checkpoint import keep_count
 from pruning.methods.baselines import down_column_norms
-from pruning.datasets import load_reference_personas
-from pruning.methods.persona_pruner.contrast import contrast_systems, persona_token_weights
 from pruning.methods.persona_pruner.data import persona_examples
 from pruning.methods.persona_pruner.masklearn import learn_scores
 from pruning.methods.persona_pruner.targets import dense_pass
@@ -49,24 +47,16 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
     k = keep_count(sizes.pop(), ctx.sparsity if ctx.sparsity is not None else DEFAULT_SPARSITY)
     with persona_examples(model, tok, ctx) as (work, examples, opts, info):
         cfg = learn_config(opts, ctx.seed)
-        weighting = None
-        if cfg.persona_weight > 0:
-            contrast = contrast_systems(ctx.chat_system, ctx.persona, load_reference_personas(opts["references_path"]),
-                                        opts["contrast_references"])
-
-            def weighting(batches):
-                w, summary = persona_token_weights(work, tok, examples, batches, ctx.chat_system, contrast,
-                                                   cfg.persona_weight)
-                info["token_weights"] = summary
-                return w
         ctx.stage("learning")
         res = learn_scores(work, tok, examples, k, cfg, progress=lambda f: ctx.progress(0.4 + 0.6 * f),
-                           log_every=int(opts.get("log_every") or 0), allowed=ctx.allowed, token_weights=weighting)
+                           log_every=int(opts.get("log_every") or 0), allowed=ctx.allowed)
     h = res.history
     info.update(profile=opts["profile"], variant=cfg.variant, steps=cfg.steps, examples=len(examples),
                 loss={"ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight},
                 learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),
                 loss_first=round(h[0]["loss"], 4) if h else None, loss_last=round(h[-1]["loss"], 4) if h else None)
+    if res.held_out is not None:
+        info["held_out"] = res.held_out
     if res.scales is not None:
         ctx.channel_scales = [x.float().cpu() for x in res.scales]
         info["scale_steps"] = cfg.scale_steps

@@ -32,6 +32,7 @@ dense model's passes (targets, activation norms, Fisher) are in `targets.py`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from pruning import PruneError
 from pruning.chat import pad_id_of
 from pruning.methods.baselines import down_column_norms, weight_magnitudes
-from pruning.methods.persona_pruner.targets import DenseTargets, dense_pass, fisher_diag, topk_kl
+from pruning.methods.persona_pruner.targets import DenseTargets, dense_pass, fisher_diag, masked_losses, topk_kl
 from pruning.model_io import ffn_blocks, frozen
 from pruning.options import MaskLearnConfig
 from pruning.prefix_forward import Example, channel_mask, forward_suffixes, logp_at, prefix_kv, shared_prompt_len
@@ -167,6 +168,7 @@ class LearnResult:
     seconds: float
     config: dict
     scales: list[torch.Tensor] | None = None  # per channel, all C (only the kept ones matter)
+    held_out: dict | None = None  # early stopping: held-out examples, the best step and its KL
 
 
 class MaskTrainer:
@@ -177,11 +179,9 @@ class MaskTrainer:
 
     def __init__(self, model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  init_scores: list[torch.Tensor] | None = None, dense: DenseTargets | None = None,
-                 progress: Callable[[float], None] = lambda f: None, allowed: torch.Tensor | None = None,
-                 token_weights: Callable | None = None):
+                 progress: Callable[[float], None] = lambda f: None, allowed: torch.Tensor | None = None):
         """`dense`: targets from an earlier `dense_pass` over the same examples (then `init_scores`
-        is required): trainers that differ only in their settings share one pass. `token_weights`:
-        the dense targets' batches -> a weight per scored token of each batch (the loss's weights)."""
+        is required): trainers that differ only in their settings share one pass."""
         if not examples:
             raise PruneError("mask learning needs at least one training example")
         torch.manual_seed(cfg.seed)
@@ -214,7 +214,6 @@ class MaskTrainer:
         if allowed is not None:  # far below any reachable score: Adam moves a score by ~lr a step
             init = init.masked_fill(~allowed.to(init.device), FORBIDDEN)
         self.init = init
-        self.weights = token_weights(self.dense.batches) if token_weights is not None else None
         self.sc = ChannelScores(init, k, cfg)
         self.opt = torch.optim.Adam([self.sc.scores], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.history: list[dict] = []
@@ -240,11 +239,7 @@ class MaskTrainer:
                 ce, kl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
         finally:
             self.sc._current = None
-        if self.weights is not None:
-            w = self.weights[b].to(ce.device)
-            loss = (w * (self.cfg.ce_weight * ce + self.cfg.kl_weight * kl)).mean()
-        else:
-            loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
+        loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
         return loss, ce, kl
 
     def step(self) -> dict:
@@ -270,25 +265,86 @@ class MaskTrainer:
         return int((self.sc.hard() != _hard_topk(self.init, self.k)).sum()) // 2
 
 
+def split_holdout(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): `share` of the examples, drawn with `seed`; none held out below 2 examples."""
+    n_held = round(len(examples) * share) if share > 0 and len(examples) >= 2 else 0
+    if not n_held:
+        return examples, []
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n_held].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+class HeldOut:
+    """Early stopping: the held-out examples' KL to the dense model under the trainer's current
+    mask (times its scales); the best state seen is kept and `restore` puts it back."""
+
+    def __init__(self, model, tok, examples: list[Example], cfg: MaskLearnConfig):
+        self.model, self.tok, self.examples = model, tok, examples
+        self.P = shared_prompt_len(examples)
+        self.dense, _ = dense_pass(model, tok, examples, self.P, cfg.batch_size, cfg.kl_topk)
+        self.best_kl, self.best_step = math.inf, None
+        self._scores = self._scale = None
+
+    def check(self, tr: MaskTrainer, step: int) -> float:
+        kl = masked_losses(self.model, self.tok, self.examples, list(tr.sc.effective()), self.P, dense=self.dense)["kl"]
+        if kl < self.best_kl:
+            self.best_kl, self.best_step = kl, step
+            self._scores = tr.sc.scores.detach().clone()
+            self._scale = None if tr.sc.scale is None else tr.sc.scale.detach().clone()
+        return kl
+
+    @torch.no_grad()
+    def restore(self, tr: MaskTrainer) -> None:
+        if self._scores is None:
+            return
+        tr.sc.scores.copy_(self._scores)
+        if tr.sc.scale is not None:  # a best state from the mask phase had no scales: all ones
+            tr.sc.scale.copy_(self._scale if self._scale is not None else torch.ones_like(tr.sc.scale))
+
+
+def _set_lr(tr: MaskTrainer, cfg: MaskLearnConfig, step: int) -> None:
+    """The learning rate of `step` (global) under the schedule: each phase decays on its own."""
+    mask_phase = step < cfg.steps
+    base, t, n = (cfg.lr, step, cfg.steps) if mask_phase else (cfg.scale_lr, step - cfg.steps, cfg.scale_steps)
+    f = 0.5 * (1 + math.cos(math.pi * t / max(n, 1))) if cfg.lr_schedule == "cosine" else 1.0
+    for g in tr.opt.param_groups:
+        g["lr"] = base * f
+
+
 def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConfig, *,
                  progress: Callable[[float], None] = lambda f: None, log_every: int = 0,
-                 init_scores: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
-                 token_weights: Callable | None = None) -> LearnResult:
+                 init_scores: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None) -> LearnResult:
     """Learn per-channel scores whose per-layer top-k mask keeps the model close to the teacher
-    (`allowed`: (L, C) bool, the only channels the mask may keep; `token_weights`: see MaskTrainer)."""
+    (`allowed`: (L, C) bool, the only channels the mask may keep; `cfg.holdout`: early stopping on
+    held-out examples)."""
     t0 = time.time()
+    train, held = split_holdout(examples, cfg.holdout, cfg.seed)
     with frozen(model):
-        tr = MaskTrainer(model, tok, examples, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f),
-                         allowed=allowed, token_weights=token_weights)
+        tr = MaskTrainer(model, tok, train, k, cfg, init_scores=init_scores, progress=lambda f: progress(0.1 * f),
+                         allowed=allowed)
+        watch = HeldOut(model, tok, held, cfg) if held else None
+        if watch:
+            watch.check(tr, -1)  # the initial mask is a candidate too
         total = cfg.steps + cfg.scale_steps
         for step in range(total):
             if step == cfg.steps:
+                if watch:  # the scales learn on the best mask
+                    watch.restore(tr)
                 tr.fix_mask()
+            _set_lr(tr, cfg, step)
             rec = tr.step()
+            if watch and ((step + 1) % cfg.eval_every == 0 or step + 1 in (cfg.steps, total)):
+                rec["held_kl"] = watch.check(tr, step)
             if log_every and (step % log_every == 0 or step == total - 1):
                 print(f"  step {step:4d} loss {rec['loss']:.4f} ce {rec['ce']:.4f} kl {rec['kl']:.4f} "
-                      f"swapped {tr.swapped()}", flush=True)
+                      f"swapped {tr.swapped()}" + (f" held {rec['held_kl']:.4f}" if "held_kl" in rec else ""),
+                      flush=True)
             progress(0.1 + 0.9 * (step + 1) / max(total, 1))
+        if watch:
+            watch.restore(tr)
     final = tr.scores.detach().clone()
     scales = None if tr.sc.scale is None else list(tr.sc.scale.detach().clone())
-    return LearnResult(list(final), list(tr.init), tr.history, time.time() - t0, asdict(cfg), scales)
+    res = LearnResult(list(final), list(tr.init), tr.history, time.time() - t0, asdict(cfg), scales)
+    if watch:
+        res.held_out = {"examples": len(held), "best_step": watch.best_step, "best_kl": round(watch.best_kl, 4)}
+    return res
