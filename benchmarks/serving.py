@@ -244,6 +244,26 @@ def _p95(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=20)[18] if len(xs) > 1 else xs[0]
 
 
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of a server's own process (its API) and of its children
+    (engines, workers): sampled around a load, where a server's CPU goes."""
+    import psutil
+
+    def cpu(p):
+        try:
+            t = p.cpu_times()
+            return t.user + t.system
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    try:
+        root = psutil.Process(pid)
+        kids = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0, 0.0
+    return cpu(root), sum(cpu(k) for k in kids)
+
+
 def tree_rss_gib(pid: int) -> float:
     """Resident memory of a process and its children (the engines' workers)."""
     import psutil
@@ -309,9 +329,12 @@ def run_loads(url: str, targets: list[tuple[str, str | None]], args, label: str,
                                     args.max_tokens, min_tokens=args.min_tokens))
         if args.warmup:  # steady state: every NPC has been talked to once (loaded, persona prefix cached)
             asyncio.run(client_load(url, targets[:n_npcs], "round-robin", n_npcs, args.concurrency, 4))
+        api0, rest0 = tree_cpu_s(pid)
         r = asyncio.run(client_load(url, targets[:n_npcs], pattern, args.requests, args.concurrency,
                                     args.max_tokens, min_tokens=args.min_tokens))
+        api1, rest1 = tree_cpu_s(pid)
         r["slots"], r["rss_gib"] = label, tree_rss_gib(pid)
+        r["cpu_api_s"], r["cpu_engines_s"] = round(api1 - api0, 2), round(rest1 - rest0, 2)
         print(json.dumps(r), flush=True)
         runs.append(r)
     return runs
