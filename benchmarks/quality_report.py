@@ -83,13 +83,15 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
             continue
         best_p = min(bm, key=lambda m: bm[m]["persona_kl"])
         best_g = min(bm, key=lambda m: bm[m]["general_kl"])
-        retention_wins = 0
+        retention_wins, retention_compared = 0, 0
         for u, row in pp.items():
             others = [x.get("retention") for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
-            retention_wins += row.get("retention") is not None and all(o is not None and row["retention"] > o
-                                                                        for o in others)
+            if row.get("retention") is None or not others or any(o is None for o in others):
+                continue  # a baseline row from before the judge measures: no comparison
+            retention_compared += 1
+            retention_wins += all(row["retention"] > o for o in others)
         out["checks"][str(s)] = {
-            "retention": me["retention"], "retention_wins": retention_wins,
+            "retention": me["retention"], "retention_wins": retention_wins, "retention_compared": retention_compared,
             "wins": wins, "personas": len(pp), "best_baseline_persona": best_p,
             "persona_kl_ratio_to_best": me["persona_kl"] / bm[best_p]["persona_kl"],
             "best_baseline_general": best_g,
@@ -207,8 +209,10 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                      f"personas; its mean persona KL is **{c['persona_kl_ratio_to_best']:.1%}** of the best baseline's "
                      f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "
                      f"best baseline's ({c['best_baseline_general']})." + (
-                         f" Retention **{c['retention']:.3f}**, above every baseline for **{c['retention_wins']}/"
-                         f"{c['personas']}** personas." if c.get("retention") is not None else ""))
+                         f" Retention **{c['retention']:.3f}**" + (
+                             f", above every baseline for **{c['retention_wins']}/{c['retention_compared']}** personas "
+                             f"whose baselines have it." if c.get("retention_compared") else
+                             " (no baseline row has retention yet).") if c.get("retention") is not None else ""))
     if "prune_seconds_with_data" in summary:
         p, cached = summary["prune_seconds_with_data"], summary["prune_seconds_cached_data"]
         parts = ([f"one persona including its synthetic data: mean {p['mean']:.0f} s, max {p['max']:.0f} s"]
