@@ -244,42 +244,48 @@ def _p95(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=20)[18] if len(xs) > 1 else xs[0]
 
 
-def tree_cpu_s(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) so far of a server's own process (its API) and of its children
-    (engines, workers): sampled around a load, where a server's CPU goes."""
+def _process_tree(pid: int):
+    """(the process, its descendants), or None once it is gone."""
     import psutil
-
-    def cpu(p):
-        try:
-            t = p.cpu_times()
-            return t.user + t.system
-        except psutil.NoSuchProcess:
-            return 0.0
 
     try:
         root = psutil.Process(pid)
-        kids = root.children(recursive=True)
+        return root, root.children(recursive=True)
     except psutil.NoSuchProcess:
+        return None
+
+
+def _each(procs, read) -> float:
+    """Sum of `read(p)` over processes that still exist."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            total += read(p)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of a server's own process (its API) and of its children
+    (engines, workers): sampled around a load, where a server's CPU goes."""
+    tree = _process_tree(pid)
+    if tree is None:
         return 0.0, 0.0
-    return cpu(root), sum(cpu(k) for k in kids)
+    def cpu(p):
+        return sum(p.cpu_times()[:2])  # user + system
+
+    return _each([tree[0]], cpu), _each(tree[1], cpu)
 
 
 def tree_rss_gib(pid: int) -> float:
     """Resident memory of a process and its children (the engines' workers)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    tree = _process_tree(pid)
+    if tree is None:
         return 0.0
-    total = 0
-    for pr in procs:
-        try:
-            total += pr.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2 ** 30
+    return _each([tree[0], *tree[1]], lambda p: p.memory_info().rss) / 2 ** 30
 
 
 def _swaps(r: httpx.Response) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -88,6 +88,11 @@ _UNSUPPORTED_CHAT = {
 }
 
 
+# vLLM's extension, on chat and completions alike
+MinTokens = Annotated[int | None, Field(ge=0, description="no stop (end of turn or `stop`) before this many "
+                                        "tokens (capped at max_tokens)")]
+
+
 class ChatCompletionRequest(KeepAliveMixin):
     # OpenAI clients send fields we do not use (metadata, store, ...): ignore, do not reject
     model_config = ConfigDict(extra="ignore")
@@ -98,8 +103,7 @@ class ChatCompletionRequest(KeepAliveMixin):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: no stop (end of turn or `stop`) "
-                                   "before this many tokens (capped at max_tokens)")
+    min_tokens: MinTokens = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
@@ -159,8 +163,7 @@ class CompletionRequest(KeepAliveMixin):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
-    min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: no stop (end of turn or `stop`) "
-                                   "before this many tokens (capped at max_tokens)")
+    min_tokens: MinTokens = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
