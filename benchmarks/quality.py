@@ -30,6 +30,7 @@ from benchmarks import ROOT, default_base
 from benchmarks.quality_report import (GENERIC, PERSONAL, append_row, read_rows, stored_runs, plot, report_only,
                                        summarize, write_md)
 from pruning.checkpoint import drop_layers_inplace, keep_count, select_kept
+from pruning.core import allowed_masks, inside, read_core
 from pruning.datasets import calibration_prompts, load_reference_personas
 from pruning.eval.attribution import attribution
 from pruning.eval.metrics import Evaluator, load_eval_file
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--fidelity-references", type=int, default=8,
                     help="reference personas the judge weighs each answer against (the first N shipped; "
                          "every one costs a pass over the answers per model)")
+    ap.add_argument("--core", default=None,
+                    help="a core's model dir (`npc models core`): every method prunes within it, as the server "
+                         "prunes that core's NPCs (persona-pruner learns inside it; judged against the dense base)")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--out", default=None, help="report folder (default: docs/, or the work folder for another --eval-dir)")
     ap.add_argument("--work", default=None, help="cache folder (default: .bench/quality, one per --eval-dir)")
@@ -137,13 +141,20 @@ def main() -> None:
         gen_dense(a.gen_dense[0], a.gen_dense[1], a.gen_dense[2], int(a.gen_dense[3]))
         return
     a.base = a.base or str(default_base())
+    core = read_core(a.core) if a.core else None
+    if a.core and core is None:
+        raise SystemExit(f"{a.core} is not a core (no core.json)")
+    if core is not None and Path(a.base).resolve() != core.dense_dir.resolve():
+        raise SystemExit(f"the core {a.core} was cut from {core.dense_dir}, not from --base {a.base}")
     eval_dir = Path(a.eval_dir).expanduser().resolve()
     default_eval = eval_dir == EVAL.resolve()
     if a.work is None:
         tag = hashlib.sha256(str(eval_dir).encode()).hexdigest()[:8]
         a.work = str(ROOT / ".bench" / "quality" / ("" if default_eval else f"eval-{eval_dir.name}-{tag}"))
     if a.out is None:
-        a.out = str(ROOT / "docs") if default_eval else a.work
+        a.out = str(ROOT / "docs") if default_eval and not a.core else a.work
+        if a.core:  # never merged into the dense base's report
+            a.out = str(Path(a.work) / f"core-{Path(a.core).name}")
     if a.report_only:
         return report_only(a)
 
@@ -170,6 +181,7 @@ def main() -> None:
 
     model, tok = load_model(base, dtype=torch.float32)
     dense_size = model.config.intermediate_size
+    allowed = allowed_masks(core, dense_size) if core is not None else None
     generic_scores = {}
     for m in [m for m in methods if m in GENERIC]:
         t = time.time()
@@ -182,6 +194,8 @@ def main() -> None:
         print(f"{m}: scored in {time.time() - t:.1f}s", flush=True)
 
     csv_path = out / "quality.csv"
+    # a core's run keeps its own prune times beside its own report
+    pt_path = work / "prune_times.json" if core is None else out / "prune_times.json"
     fields = ["persona", "method", "sparsity", "persona_kl", "persona_nll", "persona_nll_dense", "general_kl",
               "general_nll", "general_nll_dense", "attribution", *FIDELITY, "seconds"]
     rows: list[dict] = []
@@ -190,10 +204,9 @@ def main() -> None:
         redo = {(u, s, m) for u in personas for s in sparsities for m in methods}
         redo |= {(u, 0.0, "dense") for u in personas}
         rows = [r for r in read_rows(csv_path) if (r["persona"], r["sparsity"], r["method"]) not in redo]
-        old_pt = work / "prune_times.json"
-        if "persona-pruner" in methods and old_pt.is_file():
-            prune_times = [p for p in json.loads(old_pt.read_text())
-                           if (p["persona"], p["sparsity"]) not in {(u, s) for u in personas for s in sparsities}]
+        if pt_path.is_file():  # persona-pruner's stored prune times, less those this run redoes
+            redone = {(u, s) for u in personas for s in sparsities} if "persona-pruner" in methods else set()
+            prune_times = [p for p in json.loads(pt_path.read_text()) if (p["persona"], p["sparsity"]) not in redone]
         print(f"merge: keeping {len(rows)} stored rows", flush=True)
     with open(csv_path, "w", newline="") as f:
         csv.DictWriter(f, fieldnames=fields).writeheader()
@@ -262,12 +275,15 @@ def main() -> None:
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
                 ctx = persona_context(sp, s, {**a.options, "profile": a.profile}, work)
+                ctx.allowed = allowed
                 scores = get_method(m)(model, tok, ctx)
                 scales = ctx.channel_scales
                 info = ctx.info.get("persona_pruner", {})
                 prune_times.append({"persona": u, "sparsity": s, "seconds": time.time() - t,
                                     "cached_data": info.get("dataset_cached"), "info": info})
-                (work / "prune_times.json").write_text(json.dumps(prune_times))
+                pt_path.write_text(json.dumps(prune_times))
+            if allowed is not None and not isinstance(scores, LayerScores):
+                scores = inside(scores, allowed)
             if isinstance(scores, LayerScores):
                 kind, data = "drop", layers_to_drop(model, scores, s)
             else:

@@ -62,6 +62,12 @@ class MaskLearnConfig:
     # `eval_every` steps and the best mask (and scales) seen is the one returned (early stopping)
     holdout: float = 0.0
     eval_every: int = 4
+    # > 0: at step `on_policy_at` (-1: when the mask phase ends) the masked model answers this many
+    # of the training prompts itself (greedy, up to `on_policy_tokens`); those answers, with the
+    # dense model's distributions on them, join the examples of every later step
+    on_policy: int = 0
+    on_policy_at: int = -1
+    on_policy_tokens: int = 96
     seed: int = 0
     max_length: int = 512
 
@@ -82,6 +88,7 @@ class MaskLearnConfig:
 _RANGES = {"steps": (0, 5000), "scale_steps": (0, 5000), "batch_size": (1, 256), "kl_topk": (1, 4096),
            "max_length": (16, 8192), "lr": (0, 10), "scale_lr": (0, 10), "ce_weight": (0, 100),
            "kl_weight": (0, 100), "holdout": (0, 0.5), "eval_every": (1, 1000),
+           "on_policy": (0, 4096), "on_policy_at": (-1, 5000), "on_policy_tokens": (1, 1024),
            "temperature": (0, 100), "fisher_weight": (0, 1), "weight_decay": (0, 10), "seed": (0, 2**32 - 1)}
 
 # -- profiles ----------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import torch
 
 from pruning import PruneError
 from pruning.checkpoint import keep_count, select_kept
+from pruning.chat import answer_ids
 from pruning.datasets import load_reference_personas
 from pruning.eval.metrics import Evaluator
+from pruning.generate.hf import generate_ids
 from pruning.manifest import Manifest
 from pruning.methods import METHODS, PruneContext
 from pruning.methods.persona_pruner.data import build_dataset, persona_examples, warm_reference_states
@@ -366,6 +368,36 @@ def test_early_stopping_returns_the_best_held_out_mask(dense, examples):
     dense_held = dense_pass(model, tok, held, shared_prompt_len(held), cfg.batch_size, cfg.kl_topk)[0]
     again = masked_losses(model, tok, held, masks, shared_prompt_len(held), dense=dense_held)["kl"]
     assert again == pytest.approx(res.held_out["best_kl"], abs=2e-3)
+
+
+def test_on_policy_adds_the_masked_models_own_answers(dense, examples, monkeypatch):
+    """`on_policy` makes the masked model answer training prompts itself mid-learning: those
+    answers are exactly its greedy generations under the mask it had then, and every later step
+    trains on them too (a batch of them has dense targets and a finite loss)."""
+    model, tok = dense
+    cfg = replace(config_for("fast"), on_policy=4, on_policy_at=3, on_policy_tokens=16)
+    seen = {}
+    real_extend = MaskTrainer.extend
+
+    def spy(self, new):
+        seen["mask"] = [m.clone() for m in self.sc.effective()]
+        seen["new"], seen["before"] = new, len(self.dense.batches)
+        real_extend(self, new)
+        seen["batches"] = self.dense.batches[seen["before"]:]
+
+    monkeypatch.setattr(MaskTrainer, "extend", spy)  # a spy: the real method runs
+    res = learn_scores(model, tok, examples, K, cfg)
+    new = seen["new"]
+    assert res.on_policy == len(new) == 4 and len(res.history) == cfg.steps + cfg.scale_steps
+    prompts = {tuple(e.ids[: e.n_prompt]) for e in examples}
+    assert all(tuple(e.ids[: e.n_prompt]) in prompts and len(e.ids) > e.n_prompt for e in new)
+    with channel_mask(model, seen["mask"]):
+        again = generate_ids(model, tok, [e.ids[: e.n_prompt] for e in new], 16)
+    assert [answer_ids(tok, t, f) for t, f in again] == [e.ids[e.n_prompt:] for e in new]
+    assert sorted(i for b in seen["batches"] for i in b) == list(range(len(examples), len(examples) + 4))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    with pytest.raises(PruneError, match="on_policy"):
+        replace(cfg, on_policy=-1)
 
 
 def test_fast_mask_learning_lowers_training_loss(dense, examples):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -45,3 +46,26 @@ def test_other_eval_dir(tmp_path, base_dir):
     assert float(next(x for x in rows if x["method"] == "dense")["pmi_retention"]) == 1.0
     md = (out / "quality.md").read_text()
     assert str(ev) in md and "1 personas" in md and "## Persona fidelity" in md
+
+
+def test_within_a_core(tmp_path, base_dir):
+    """`--core`: every method prunes inside the core, as the server prunes that core's NPCs, and the
+    rows go to a report of their own. At the core's own sparsity any method's mask is the core itself."""
+    from pruning.core import build_core
+
+    layers = json.loads((Path(base_dir) / "config.json").read_text())["num_hidden_layers"]
+    core = build_core(base_dir, 0.5, tmp_path / "core50", kept=[list(range(0, 1536, 2))] * layers)
+    work = tmp_path / "work"
+    common = ["--personas", "3", "--base", str(base_dir), "--work", str(work), "--attribution-n", "0",
+              "--fidelity-n", "0", "--backend", "hf", "--max-new-tokens", "8", "--questions", "4"]
+    not_core = _run(*common, "--core", str(base_dir), "--methods", "random")
+    assert not_core.returncode != 0 and "is not a core" in not_core.stderr
+    r = _run(*common, "--core", str(core), "--methods", "random,activation", "--sparsities", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = work / "core-core50"
+    rows = list(csv.DictReader((out / "quality.csv").open()))
+    kl = {x["method"]: float(x["persona_kl"]) for x in rows}
+    assert kl["dense"] == 0 and kl["random"] > 0
+    assert kl["random"] == kl["activation"]  # both are exactly the core
+    assert "within the core" in (out / "quality.md").read_text()
+    assert not (ROOT / "docs" / "core-core50").exists()

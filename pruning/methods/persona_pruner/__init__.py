@@ -55,6 +55,8 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
                 loss={"ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight},
                 learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),
                 loss_first=round(h[0]["loss"], 4) if h else None, loss_last=round(h[-1]["loss"], 4) if h else None)
+    if res.on_policy:
+        info["on_policy"] = res.on_policy
     if res.held_out is not None:
         info["held_out"] = res.held_out
     if res.scales is not None:

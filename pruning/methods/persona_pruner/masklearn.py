@@ -44,6 +44,7 @@ from pruning import PruneError
 from pruning.chat import pad_id_of
 from pruning.methods.baselines import down_column_norms, weight_magnitudes
 from pruning.methods.persona_pruner.targets import DenseTargets, dense_pass, fisher_diag, masked_losses, topk_kl
+from pruning.methods.persona_pruner.onpolicy import own_examples
 from pruning.model_io import ffn_blocks, frozen
 from pruning.options import MaskLearnConfig
 from pruning.prefix_forward import Example, channel_mask, forward_suffixes, logp_at, prefix_kv, shared_prompt_len
@@ -169,6 +170,7 @@ class LearnResult:
     config: dict
     scales: list[torch.Tensor] | None = None  # per channel, all C (only the kept ones matter)
     held_out: dict | None = None  # early stopping: held-out examples, the best step and its KL
+    on_policy: int = 0  # own answers added to the examples (`cfg.on_policy`)
 
 
 class MaskTrainer:
@@ -255,6 +257,17 @@ class MaskTrainer:
         self.history.append(rec)
         return rec
 
+    def extend(self, examples: list[Example]) -> None:
+        """Add examples (sharing the first `P` prompt tokens): their dense targets join the batches."""
+        if not examples:
+            return
+        d, _ = dense_pass(self.model, self.tok, examples, self.P, self.cfg.batch_size, self.cfg.kl_topk)
+        off, t = len(self.examples), self.dense
+        self.examples = self.examples + examples
+        self.dense = DenseTargets(t.batches + [[i + off for i in b] for b in d.batches], t.pos + d.pos,
+                                  t.top_idx + d.top_idx, t.top_logp + d.top_logp, t.tail_logp + d.tail_logp)
+        self._order = []
+
     def fix_mask(self) -> None:
         """Switch to the scale phase: the mask stays as it is, the per-channel scales learn."""
         if self.sc.scale is None:
@@ -326,11 +339,18 @@ def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConf
         if watch:
             watch.check(tr, -1)  # the initial mask is a candidate too
         total = cfg.steps + cfg.scale_steps
+        own_at = cfg.steps if cfg.on_policy_at < 0 else min(cfg.on_policy_at, cfg.steps)
+        own = 0
         for step in range(total):
             if step == cfg.steps:
                 if watch:  # the scales learn on the best mask
                     watch.restore(tr)
                 tr.fix_mask()
+            if cfg.on_policy and step == own_at:
+                new = own_examples(model, tok, train, list(tr.sc.effective()), cfg.on_policy,
+                                   cfg.on_policy_tokens, cfg.seed)
+                tr.extend(new)
+                own = len(new)
             _set_lr(tr, cfg, step)
             rec = tr.step()
             if watch and ((step + 1) % cfg.eval_every == 0 or step + 1 in (cfg.steps, total)):
@@ -345,6 +365,7 @@ def learn_scores(model, tok, examples: list[Example], k: int, cfg: MaskLearnConf
     final = tr.scores.detach().clone()
     scales = None if tr.sc.scale is None else list(tr.sc.scale.detach().clone())
     res = LearnResult(list(final), list(tr.init), tr.history, time.time() - t0, asdict(cfg), scales)
+    res.on_policy = own
     if watch:
         res.held_out = {"examples": len(held), "best_step": watch.best_step, "best_kl": round(watch.best_kl, 4)}
     return res
