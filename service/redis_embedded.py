@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import socket
 import subprocess
 import time
@@ -11,13 +9,7 @@ from pathlib import Path
 
 import redis
 
-
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM it when its parent dies, even by SIGKILL (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+from pruning.procs import die_with_parent
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pruning import PruneError
 from pruning.chat import messages
+from pruning.procs import guarded_children
 from pruning.engine_args import binding_env, cpu_platform, env_engine_kwargs, small_box_cores, spawn_env
 
 _ENGINES: dict[str, object] = {}
@@ -40,7 +41,7 @@ def engine(model_dir: str | Path, kv_cache_bytes: int | None = None):
             from vllm import LLM
         except Exception as e:
             raise PruneError(f"vLLM is not usable here ({type(e).__name__}: {e}); use the hf backend") from None
-        with spawn_env(binding_env(small_box_cores())):  # on a small CPU box: every core (engine_args)
+        with spawn_env(binding_env(small_box_cores())), guarded_children():  # every core on a small CPU box
             _ENGINES[key] = LLM(**env_engine_kwargs(key, kv_cache_bytes))
     return _ENGINES[key]
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pruning.engine_args import binding_env, engine_kwargs, spawn_env
+from pruning.procs import guarded_children
 
 log = logging.getLogger(__name__)
 MASK_ENGINE_ENV = "NPC_MASK_ENGINE"  # read in the engine's worker (vllm_ext/masks.py)
@@ -83,7 +84,7 @@ def start_engine(settings, ckpt: Path, mask: bool, core: str | None, compiled: b
 
     t0 = time.time()
     env = {**binding_env(core), MASK_ENGINE_ENV: "1" if mask else "0"}
-    with spawn_env(env), mask_compile(mask and compiled):
+    with spawn_env(env), mask_compile(mask and compiled), guarded_children():
         engine = AsyncLLM.from_engine_args(engine_args(settings, ckpt, mask, compiled))
     log.info("engine for %s started in %.1fs (core %s)", ckpt, time.time() - t0, core or "vLLM default")
     return engine
