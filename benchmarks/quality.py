@@ -201,17 +201,27 @@ def main() -> None:
     rows: list[dict] = []
     prune_times: list[dict] = []
     if a.merge and csv_path.is_file():
-        redo = {(u, s, m) for u in personas for s in sparsities for m in methods}
-        redo |= {(u, 0.0, "dense") for u in personas}
-        rows = [r for r in read_rows(csv_path) if (r["persona"], r["sparsity"], r["method"]) not in redo]
-        if pt_path.is_file():  # persona-pruner's stored prune times, less those this run redoes
-            redone = {(u, s) for u in personas for s in sparsities} if "persona-pruner" in methods else set()
-            prune_times = [p for p in json.loads(pt_path.read_text()) if (p["persona"], p["sparsity"]) not in redone]
+        rows = read_rows(csv_path)  # a stored row goes when this run writes its (persona, sparsity, method)
+        if pt_path.is_file():  # persona-pruner's stored prune times (those this run redoes go in `redo`)
+            prune_times = json.loads(pt_path.read_text())
         print(f"merge: keeping {len(rows)} stored rows", flush=True)
-    with open(csv_path, "w", newline="") as f:
-        csv.DictWriter(f, fieldnames=fields).writeheader()
-    for r in rows:
-        append_row(csv_path, fields, r)
+
+    def write_csv() -> None:
+        with open(csv_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+        for r in rows:
+            append_row(csv_path, fields, r)
+
+    def redo(u: int, s: float) -> None:
+        """Drop the stored rows this persona and sparsity are about to replace: a run stopped by its
+        budget keeps what it never reached."""
+        gone = {(u, s, m) for m in methods} | ({(u, 0.0, "dense")} if s == sparsities[0] else set())
+        rows[:] = [r for r in rows if (r["persona"], r["sparsity"], r["method"]) not in gone]
+        if "persona-pruner" in methods:
+            prune_times[:] = [p for p in prune_times if (p["persona"], p["sparsity"]) != (u, s)]
+        write_csv()
+
+    write_csv()
 
     def pruned_view(kind, data, scales=None):
         """A context giving the pruned model: channel masks on the dense model (times the method's
@@ -224,6 +234,7 @@ def main() -> None:
         return m2, None
 
     def run_persona(u: int, s: float) -> None:
+        redo(u, s)
         sp, gen = evals[u]
         pa, ga = answers[f"spec{u}"], answers[f"gen{u}"]
         evp = Evaluator(model, tok, sp.system, sp.questions, answers=[x[0] for x in pa], finished=[x[1] for x in pa])

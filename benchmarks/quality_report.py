@@ -69,6 +69,9 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
             out["by_method"][f"{m}@{s}"] = {k: _mean([x.get(k) for x in r]) for k in
                                             ("persona_kl", "persona_nll", "general_kl", "general_nll", "attribution",
                                              *FIDELITY)}
+            # a ratio over 20 answers: one persona with a near-zero dense margin can swing the mean
+            ret = [x["retention"] for x in r if x.get("retention") is not None]
+            out["by_method"][f"{m}@{s}"]["retention_median"] = statistics.median(ret) if ret else None
         if "persona-pruner" not in methods:
             continue
         base = [m for m in methods if m in BASELINES]
@@ -84,15 +87,22 @@ def summarize(rows, sparsities, methods, prune_times) -> dict:
             continue
         best_p = min(bm, key=lambda m: bm[m]["persona_kl"])
         best_g = min(bm, key=lambda m: bm[m]["general_kl"])
-        retention_wins, retention_compared = 0, 0
+        retention_wins, retention_compared, top1_wins, judged = 0, 0, 0, set()
         for u, row in pp.items():
-            others = [x.get("retention") for x in rows if x["persona"] == u and x["sparsity"] == s and x["method"] in base]
-            if row.get("retention") is None or not others or any(o is None for o in others):
-                continue  # a baseline row from before the judge measures: no comparison
+            # baseline rows from before the judge measures have no retention: compared with the rest
+            others = {x["method"]: x["retention"] for x in rows if x["persona"] == u and x["sparsity"] == s
+                      and x["method"] in base and x.get("retention") is not None}
+            if row.get("retention") is None or not others:
+                continue
+            judged |= set(others)
             retention_compared += 1
-            retention_wins += all(row["retention"] > o for o in others)
+            retention_wins += all(row["retention"] > o for o in others.values())
+            top1 = [x["judge_top1"] for x in rows if x["persona"] == u and x["sparsity"] == s
+                    and x["method"] in others and x.get("judge_top1") is not None]
+            top1_wins += row.get("judge_top1") is not None and all(row["judge_top1"] > o for o in top1)
         out["checks"][str(s)] = {
-            "retention": me["retention"], "retention_wins": retention_wins, "retention_compared": retention_compared,
+            "retention": me["retention"], "retention_median": me["retention_median"], "retention_wins": retention_wins,
+            "retention_compared": retention_compared, "retention_baselines": sorted(judged), "top1_wins": top1_wins,
             "wins": wins, "personas": len(pp), "best_baseline_persona": best_p,
             "persona_kl_ratio_to_best": me["persona_kl"] / bm[best_p]["persona_kl"],
             "best_baseline_general": best_g,
@@ -190,7 +200,8 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                   "questions; top-1 = share of answers the persona's own prompt explains best; PMI retention = the "
                   "margin teacher-forced on the dense answers, under the model / under the dense base; degenerate = "
                   "looping answers (margin 0).", "",
-                  "| method | " + " | ".join(f"retention @{s} | top-1 @{s} | PMI ret. @{s}" for s in sparsities) +
+                  "| method | " + " | ".join(f"retention @{s}, mean (median) | top-1 @{s} | PMI ret. @{s}"
+                                            for s in sparsities) +
                   f" | degenerate @{sparsities[0]} |",
                   "|" + "---|" * (2 + 3 * len(sparsities))]
         dense_top1 = _mean([r.get("judge_top1") for r in dense])
@@ -200,7 +211,8 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
             cells = []
             for s in sparsities:
                 b = bm[f"{m}@{s}"]
-                cells += [_fmt(b["retention"], 3), _fmt(b["judge_top1"], 2), _fmt(b["pmi_retention"], 3)]
+                med = f" ({_fmt(b['retention_median'], 3)})" if b.get("retention_median") is not None else ""
+                cells += [_fmt(b["retention"], 3) + med, _fmt(b["judge_top1"], 2), _fmt(b["pmi_retention"], 3)]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(bm[f'{m}@{sparsities[0]}']['degenerate'], 2)} |")
     lines += ["", "## Checks", ""]
     for s, c in summary["checks"].items():
@@ -212,9 +224,10 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                      f"personas; its mean persona KL is **{c['persona_kl_ratio_to_best']:.1%}** of the best baseline's "
                      f"({c['best_baseline_persona']}); its general KL is **{c['general_kl_ratio_to_best']:.2f}x** the "
                      f"best baseline's ({c['best_baseline_general']})." + (
-                         f" Retention **{c['retention']:.3f}**" + (
-                             f", above every baseline for **{c['retention_wins']}/{c['retention_compared']}** personas "
-                             f"whose baselines have it." if c.get("retention_compared") else
+                         f" Retention **{c['retention']:.3f}** (median {_fmt(c.get('retention_median'), 3)})" + (
+                             f", above every baseline that has it ({', '.join(c['retention_baselines'])}) for "
+                             f"**{c['retention_wins']}/{c['retention_compared']}** personas; judge top-1 above every one of "
+                             f"them for **{c['top1_wins']}/{c['retention_compared']}**." if c.get("retention_compared") else
                              " (no baseline row has retention yet).") if c.get("retention") is not None else ""))
     if "prune_seconds_with_data" in summary:
         p, cached = summary["prune_seconds_with_data"], summary["prune_seconds_cached_data"]

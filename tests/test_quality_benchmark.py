@@ -47,6 +47,12 @@ def test_other_eval_dir(tmp_path, base_dir):
     md = (out / "quality.md").read_text()
     assert str(ev) in md and "1 personas" in md and "## Persona fidelity" in md
 
+    # --merge with a budget that runs out before the first persona: every stored row stays
+    again = _run(*common, "--methods", "random", "--sparsities", "0.5", "--attribution-n", "0", "--fidelity-n", "0",
+                 "--backend", "hf", "--max-new-tokens", "8", "--questions", "6", "--merge", "--budget-s", "0.001")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert list(csv.DictReader((out / "quality.csv").open())) == rows
+
 
 def test_within_a_core(tmp_path, base_dir):
     """`--core`: every method prunes inside the core, as the server prunes that core's NPCs, and the
