@@ -213,14 +213,16 @@ def check_options(method: str, options: dict) -> None:
 
 def job_tokens(options: dict | None) -> int:
     """A bound on the tokens a create's options make a worker process: the learning (and LoRA)
-    steps over their batches, plus the teacher's answers and their prompts."""
+    steps over their batches, plus the teacher's answers and their prompts, plus the masked
+    model's own answers (`on_policy`)."""
     opts = dict(options or {})
     recover = {k: opts.pop(k, RECOVERY_DEFAULTS.get(k)) for k in RECOVERY_OPTIONS}
     res = resolve_options(opts)
     cfg = learn_config(res)
     steps = cfg.steps + cfg.scale_steps + (recover["lora_steps"] if recover["recover"] else 0)
     return (steps * cfg.batch_size * cfg.max_length
-            + res["n_instructions"] * res["samples"] * (res["max_new_tokens"] + cfg.max_length))
+            + res["n_instructions"] * res["samples"] * (res["max_new_tokens"] + cfg.max_length)
+            + cfg.on_policy * (cfg.on_policy_tokens + cfg.max_length))
 
 
 def validate_request_options(options: dict | None) -> None:

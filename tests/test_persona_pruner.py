@@ -22,7 +22,7 @@ from pruning.methods.persona_pruner.precision import in_precision
 from pruning.methods.persona_pruner.sensitivity import persona_divergence
 from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses
 from pruning.model_io import frozen, load_model
-from pruning.options import VARIANTS, MaskLearnConfig, config_for, learn_config, resolve_options
+from pruning.options import VARIANTS, MaskLearnConfig, config_for, job_tokens, learn_config, resolve_options
 from pruning.prefix_forward import channel_mask, kept_masks, make_examples, shared_prompt_len
 from pruning.prune import prune
 from tests.conftest import PERSONA_A
@@ -398,6 +398,7 @@ def test_on_policy_adds_the_masked_models_own_answers(dense, examples, monkeypat
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     with pytest.raises(PruneError, match="on_policy"):
         replace(cfg, on_policy=-1)
+    assert job_tokens({"on_policy": 128}) == job_tokens({}) + 128 * (96 + cfg.max_length)  # the API's work cap
 
 
 def test_fast_mask_learning_lowers_training_loss(dense, examples):
