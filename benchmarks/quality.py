@@ -146,15 +146,17 @@ def main() -> None:
         raise SystemExit(f"{a.core} is not a core (no core.json)")
     if core is not None and Path(a.base).resolve() != core.dense_dir.resolve():
         raise SystemExit(f"the core {a.core} was cut from {core.dense_dir}, not from --base {a.base}")
+    if core is not None and "depth" in a.methods.split(","):
+        raise SystemExit("depth pruning drops whole blocks and cannot run within a core")
     eval_dir = Path(a.eval_dir).expanduser().resolve()
     default_eval = eval_dir == EVAL.resolve()
     if a.work is None:
         tag = hashlib.sha256(str(eval_dir).encode()).hexdigest()[:8]
         a.work = str(ROOT / ".bench" / "quality" / ("" if default_eval else f"eval-{eval_dir.name}-{tag}"))
-    if a.out is None:
-        a.out = str(ROOT / "docs") if default_eval and not a.core else a.work
-        if a.core:  # never merged into the dense base's report
-            a.out = str(Path(a.work) / f"core-{Path(a.core).name}")
+    if a.out is None and a.core:  # never merged into the dense base's report
+        a.out = str(Path(a.work) / f"core-{Path(a.core).name}")
+    elif a.out is None:
+        a.out = str(ROOT / "docs") if default_eval else a.work
     if a.report_only:
         return report_only(a)
 

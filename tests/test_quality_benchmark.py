@@ -66,6 +66,8 @@ def test_within_a_core(tmp_path, base_dir):
               "--fidelity-n", "0", "--backend", "hf", "--max-new-tokens", "8", "--questions", "4"]
     not_core = _run(*common, "--core", str(base_dir), "--methods", "random")
     assert not_core.returncode != 0 and "is not a core" in not_core.stderr
+    depth = _run(*common, "--core", str(core), "--methods", "depth")
+    assert depth.returncode != 0 and "cannot run within a core" in depth.stderr
     r = _run(*common, "--core", str(core), "--methods", "random,activation", "--sparsities", "0.5")
     assert r.returncode == 0, r.stderr[-2000:]
     out = work / "core-core50"
