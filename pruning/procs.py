@@ -58,13 +58,14 @@ def die_with_parent() -> None:
         pass
 
 
-def _descendants() -> dict[tuple[int, float], int]:
+def _descendants() -> set[tuple[int, float]]:
+    """(pid, start time) of every process below this one: a pid alone may be reused."""
     import psutil
 
-    out = {}
+    out = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            out[(p.pid, p.create_time())] = p.pid
+            out.add((p.pid, p.create_time()))
         except psutil.Error:
             pass
     return out
@@ -77,7 +78,7 @@ def guarded_children():
     try:
         yield
     finally:
-        new = [k for k in _descendants() if k not in before]
+        new = sorted(_descendants() - before)
         if new:
             _hand_over(new)
 
