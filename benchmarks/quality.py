@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import ROOT, default_base
-from benchmarks.quality_report import (GENERIC, PERSONAL, append_row, read_rows, stored_runs, plot, report_only,
-                                       summarize, write_md)
+from benchmarks import quality_answers
+from benchmarks.quality_report import (FIDELITY, GENERIC, PERSONAL, append_row, read_rows, stored_runs, plot,
+                                       report_only, summarize, write_md)
 from pruning.checkpoint import drop_layers_inplace, keep_count, select_kept
 from pruning.core import allowed_masks, inside, read_core
 from pruning.datasets import calibration_prompts, load_reference_personas
@@ -41,7 +42,6 @@ from pruning.model_io import load_model
 from pruning.prefix_forward import channel_mask, kept_masks
 
 EVAL = ROOT.parent / "shared" / "data" / "eval"
-FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"]
 
 
 def gen_dense(base: str, spec: str, out: str, max_new_tokens: int) -> None:
@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="cache folder (default: .bench/quality, one per --eval-dir)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new persona after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from quality.csv")
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute the persona measures of every row from its stored answers (quality_answers.jsonl) "
+                         "under today's rules, then the report")
     ap.add_argument("--merge", action="store_true",
                     help="keep the stored rows of every (persona, sparsity, method) this run does not redo "
                          "(e.g. rerun persona-pruner after a change against the stored baselines)")
@@ -159,6 +162,8 @@ def main() -> None:
         a.out = str(ROOT / "docs") if default_eval else a.work
     if a.report_only:
         return report_only(a)
+    if a.rescore:
+        return quality_answers.rescore(a)
 
     t_start = time.time()
     out, work = Path(a.out), Path(a.work)
@@ -202,6 +207,8 @@ def main() -> None:
               "general_nll", "general_nll_dense", "attribution", *FIDELITY, "seconds"]
     rows: list[dict] = []
     prune_times: list[dict] = []
+    if not a.merge:
+        (out / quality_answers.ANSWERS).unlink(missing_ok=True)
     if a.merge and csv_path.is_file():
         rows = read_rows(csv_path)  # a stored row goes when this run writes its (persona, sparsity, method)
         if pt_path.is_file():  # persona-pruner's stored prune times (those this run redoes go in `redo`)
@@ -250,15 +257,18 @@ def main() -> None:
             fid_ref = dense_reference(model, tok, sys_u, sys_refs, fid_qs,
                                       generate_detailed(model, tok, sys_u, fid_qs, a.fidelity_tokens))
             dense_fid = persona_fidelity(model, tok, sys_u, sys_refs, fid_qs, fid_ref.answers, fid_ref.answers,
-                                         reference=fid_ref)
+                                         reference=fid_ref, detail=True)
+            quality_answers.keep(out, u, "dense", 0.0, dense_fid["detail"], prompt=sys_u)
 
-        def fidelity(pm, masks) -> dict:
+        def fidelity(pm, masks, method) -> dict:
             if fid_ref is None:
                 return {}
             with channel_mask(pm, masks):
                 own = generate_detailed(pm, tok, sys_u, fid_qs, a.fidelity_tokens)
             f = persona_fidelity(model, tok, sys_u, sys_refs, fid_qs, fid_ref.answers, own, reference=fid_ref,
-                                 model=None if pm is model else pm, masks=masks if pm is model else None)
+                                 model=None if pm is model else pm, masks=masks if pm is model else None,
+                                 detail=True)
+            quality_answers.keep(out, u, method, s, f["detail"])
             return {k: f[k] for k in FIDELITY}
 
         dense_attr = attribution([x[0] for x in pa[: a.attribution_n]], who, refs)["attribution"] if a.attribution_n else None
@@ -310,7 +320,7 @@ def main() -> None:
                 attr = attribution([x[0] for x in own], who, refs)["attribution"]
             row = dict(persona=u, method=m, sparsity=s, persona_kl=rp["kl_to_dense"], persona_nll=rp["nll"],
                        persona_nll_dense=rp["nll_dense"], general_kl=rg["kl_to_dense"], general_nll=rg["nll"],
-                       general_nll_dense=rg["nll_dense"], attribution=attr, **fidelity(pm, masks),
+                       general_nll_dense=rg["nll_dense"], attribution=attr, **fidelity(pm, masks, m),
                        seconds=round(time.time() - t, 1))
             rows.append(row)
             append_row(csv_path, fields, row)

@@ -14,14 +14,15 @@ from pruning.datasets import load_reference_personas
 GENERIC = ["random", "magnitude", "activation", "taylor", "depth"]
 PERSONAL = ["activation-prompt", "activation-persona", "persona-pruner"]
 BASELINES = GENERIC + ["activation-prompt", "activation-persona"]
-FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"]
+FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "recital", "fluency_nll"]
 
 
 def report_only(a) -> None:
     """The report from the rows written so far (a run that was stopped early)."""
     out, work = Path(a.out), Path(a.work)
     rows = read_rows(out / "quality.csv")
-    done = {r["persona"] for r in rows if r["method"] == "persona-pruner"}
+    # a stopped run: the personas persona-pruner reached (every row when it was not run)
+    done = {r["persona"] for r in rows if r["method"] == "persona-pruner"} or {r["persona"] for r in rows}
     rows = [r for r in rows if r["persona"] in done]
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
     methods = [m for m in a.methods.split(",") if any(r["method"] == m for r in rows)]

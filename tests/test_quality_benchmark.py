@@ -40,6 +40,7 @@ def test_other_eval_dir(tmp_path, base_dir):
     rows = list(csv.DictReader((out / "quality.csv").open()))
     assert {(x["persona"], x["method"]) for x in rows} == {("12", "dense"), ("12", "random"), ("12", "activation-prompt")}
     kl = {x["method"]: float(x["persona_kl"]) for x in rows}
+    kl_random = next(x for x in rows if x["method"] == "random")["persona_kl"]
     assert kl["dense"] == 0 and 0 < kl["activation-prompt"] < kl["random"]
     ret = {x["method"]: float(x["retention"]) for x in rows}
     assert ret["dense"] == 1.0 and all(0 <= float(x["judge_top1"]) <= 1 for x in rows)
@@ -52,6 +53,20 @@ def test_other_eval_dir(tmp_path, base_dir):
                  "--backend", "hf", "--max-new-tokens", "8", "--questions", "6", "--merge", "--budget-s", "0.001")
     assert again.returncode == 0, again.stderr[-2000:]
     assert list(csv.DictReader((out / "quality.csv").open())) == rows
+
+    # --rescore: the stored answers give every persona measure again without a model; a row whose
+    # answers are not stored loses its measures rather than keep ones judged under other rules
+    stored = [json.loads(x) for x in (out / "quality_answers.jsonl").read_text().splitlines()]
+    assert {(x["method"], len(x["detail"]["answers"])) for x in stored} == {
+        ("dense", 3), ("random", 3), ("activation-prompt", 3)}
+    (out / "quality_answers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stored if x["method"] != "random"))
+    re = _run(*common, "--rescore")
+    assert re.returncode == 0, re.stderr[-2000:]
+    after = {x["method"]: x for x in csv.DictReader((out / "quality.csv").open())}
+    for m in ("dense", "activation-prompt"):
+        for k in ("retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"):
+            assert float(after[m][k]) == float(next(x for x in rows if x["method"] == m)[k]), (m, k)
+    assert after["random"]["retention"] == "" and after["random"]["persona_kl"] == kl_random
 
 
 def test_within_a_core(tmp_path, base_dir):

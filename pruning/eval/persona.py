@@ -12,9 +12,12 @@ judge_top1     the share of answers for which sys_u gives the lowest NLL of all 
 retention      judge_margin(model) / judge_margin(dense base), on the same questions.
 pmi_retention  teacher-forced on the dense answers A_u: PMI under the model / PMI under the dense
                base, PMI = mean_v NLL(A_u | sys_v) - NLL(A_u | sys_u).
-degenerate     the share of own answers that loop (distinct-bigram ratio under 0.5, or empty):
-               they count as margin 0 and never as top-1, since a loop of the persona's own words is
-               very likely under its prompt.
+degenerate     the share of own answers that loop (distinct-bigram ratio under 0.5, or empty) or
+               recite the system prompt (half or more of their word trigrams are the prompt's): they
+               count as margin 0 and never as top-1, since a loop of the persona's own words, or its
+               description copied out, is very likely under its prompt without answering anything.
+               Retention also caps each answer's margin at the dense base's best on the same
+               questions, so a few extreme answers cannot outweigh the rest.
 fluency_nll    the dense base's NLL of the model's own answers under sys_u: gibberish cannot hide.
 
 Every mean comes with a bootstrap 95 % interval over questions.
@@ -23,7 +26,8 @@ Every mean comes with a bootstrap 95 % interval over questions.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +36,7 @@ from pruning.prefix_forward import (Example, channel_mask, forward_suffixes, len
                                     scored_positions, shared_prompt_len)
 
 LOOP_RATIO = 0.5
+RECITAL_SHARE = 0.5
 
 
 def _mean(xs: list[float]) -> float:
@@ -39,6 +44,20 @@ def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x == x]
     return sum(xs) / len(xs) if xs else float("nan")
 TEMPLATE = "You are roleplaying as a character with this persona: {persona}\nStay in character in every reply."
+
+
+def _trigrams(text: str) -> list[tuple[str, ...]]:
+    w = re.findall(r"\w+", text.lower())
+    return [tuple(w[i: i + 3]) for i in range(len(w) - 2)]
+
+
+def recital_share(answer: str, prompt: str) -> float:
+    """The share of the answer's word trigrams that occur in `prompt` (0 under three words)."""
+    tri = _trigrams(answer)
+    if not tri:
+        return 0.0
+    have = set(_trigrams(prompt))
+    return sum(t in have for t in tri) / len(tri)
 
 
 def distinct_bigram_ratio(ids: list[int]) -> float:
@@ -124,8 +143,10 @@ class JudgedAnswers:
     """One model's own answers to the persona's questions, as the dense judge sees them."""
     margins: list[float]       # per question, 0 for a degenerate answer
     top1: list[float]          # per question, 1.0 when sys_u gives the lowest NLL
-    degenerate: list[float]    # per question, 1.0 for a loop or an empty answer
+    degenerate: list[float]    # per question, 1.0 for a loop, a recital or an empty answer
     fluency: list[float]       # per question, the judge's NLL under sys_u (NaN for an empty answer)
+    recital: list[float] = field(default_factory=list)      # per question, 1.0 for a recital
+    ref_nlls: list[list[float]] = field(default_factory=list)  # per reference, the judge's NLL per answer
 
     def summary(self, seed: int = 0) -> dict:
         mean = _mean
@@ -135,6 +156,7 @@ class JudgedAnswers:
                 "judge_top1": round(mean(self.top1), 4),
                 "judge_top1_ci": [round(x, 4) for x in bootstrap_ci(self.top1, seed=seed)],
                 "degenerate": round(mean(self.degenerate), 4),
+                "recital": round(mean(self.recital), 4) if self.recital else 0.0,
                 "fluency_nll": round(mean(fl), 4),
                 "fluency_nll_ci": [round(x, 4) for x in bootstrap_ci(fl, seed=seed)]}
 
@@ -154,13 +176,16 @@ def _pmi(own: list[float], refs: list[list[float]]) -> list[float]:
             for i in range(len(own))]
 
 
-def _judged(ids, own, refs, finished: list[bool] | None) -> JudgedAnswers:
-    margins, top1, degenerate = [], [], []
+def judged(ids, own, refs, finished: list[bool] | None, texts: list[str], prompt: str) -> JudgedAnswers:
+    """The judge's measures of answers (token `ids`, `texts`) from their NLLs under the persona's
+    prompt (`own`) and under each reference's (`refs`); `prompt` is the persona's system prompt."""
+    margins, top1, degenerate, recital = [], [], [], []
     pmi = _pmi(own, refs)
     for i, a in enumerate(ids):
         # the answer's own ids without the end-of-turn token: a loop is in the words
         loop = distinct_bigram_ratio(a[:-1] if a and (finished is None or finished[i]) else a) < LOOP_RATIO
-        if loop or own[i] != own[i]:
+        recital.append(1.0 if recital_share(texts[i], prompt) >= RECITAL_SHARE else 0.0)
+        if loop or recital[-1] or own[i] != own[i]:
             margins.append(0.0)
             top1.append(0.0)
             degenerate.append(1.0)
@@ -168,14 +193,14 @@ def _judged(ids, own, refs, finished: list[bool] | None) -> JudgedAnswers:
         margins.append(pmi[i])
         top1.append(1.0 if all(own[i] < r[i] for r in refs) else 0.0)
         degenerate.append(0.0)
-    return JudgedAnswers(margins, top1, degenerate, own)
+    return JudgedAnswers(margins, top1, degenerate, own, recital, refs)
 
 
 def judge_answers(judge, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
                   finished: list[bool] | None = None, batch_size: int = 8) -> JudgedAnswers:
     """The dense judge's margin, top-1 and fluency of one model's own answers."""
     ids, own, refs = _prompt_nlls(judge, tok, sys_u, sys_refs, questions, answers, finished, batch_size=batch_size)
-    return _judged(ids, own, refs, finished)
+    return judged(ids, own, refs, finished, answers, sys_u)
 
 
 def pmi_per_question(model, tok, sys_u: str, sys_refs: list[str], questions: list[str], answers: list[str],
@@ -187,10 +212,13 @@ def pmi_per_question(model, tok, sys_u: str, sys_refs: list[str], questions: lis
 
 
 def retention(model_margins: list[float], dense_margins: list[float], seed: int = 0) -> dict:
+    """sum(model margins) / sum(dense margins), each model margin capped at the dense base's best."""
+    cap = max(dense_margins) if dense_margins else float("inf")
+    capped = [min(m, cap) for m in model_margins]
     den = sum(dense_margins)
-    value = sum(model_margins) / den if den else float("nan")
+    value = sum(capped) / den if den else float("nan")
     return {"retention": round(value, 4),
-            "retention_ci": [round(x, 4) for x in ratio_ci(model_margins, dense_margins, seed=seed)]}
+            "retention_ci": [round(x, 4) for x in ratio_ci(capped, dense_margins, seed=seed)]}
 
 
 @dataclass
@@ -207,30 +235,54 @@ def dense_reference(dense, tok, sys_u: str, sys_refs: list[str], questions: list
     da, df = [a for a, _ in dense_answers], [f for _, f in dense_answers]
     # the judge of the dense answers and their PMI under the dense base read the same NLLs
     ids, own, refs = _prompt_nlls(dense, tok, sys_u, sys_refs, questions, da, df, batch_size=batch_size)
-    return DenseReference(dense_answers, _judged(ids, own, refs, df), _pmi(own, refs))
+    return DenseReference(dense_answers, judged(ids, own, refs, df, da, sys_u), _pmi(own, refs))
+
+
+def fidelity_summary(own: JudgedAnswers, dense: JudgedAnswers, pmi: list[float], pmi_dense: list[float],
+                     seed: int = 0) -> dict:
+    """Every persona measure of one model from its judged answers and PMI against the dense base's."""
+    den = sum(pmi_dense)
+    return {**own.summary(seed), **retention(own.margins, dense.margins, seed),
+            "pmi": round(_mean(pmi), 5), "pmi_retention": round(sum(pmi) / den, 4) if den else float("nan"),
+            "pmi_retention_ci": [round(x, 4) for x in ratio_ci(pmi, pmi_dense, seed=seed)],
+            "references": len(own.ref_nlls), "questions": len(own.margins),
+            "dense": {**dense.summary(seed), "pmi": round(_mean(pmi_dense), 5)}}
 
 
 def persona_fidelity(dense, tok, sys_u: str, sys_refs: list[str], questions: list[str],
                      dense_answers: list[tuple[str, bool]], own_answers: list[tuple[str, bool]], *,
                      model=None, masks=None, seed: int = 0, batch_size: int = 8,
-                     reference: DenseReference | None = None) -> dict:
+                     reference: DenseReference | None = None, detail: bool = False) -> dict:
     """Every persona measure of one model (`model`, or the dense base under `masks`) against the
     dense base on the same questions; `*_answers` are (text, finished) greedy answers under sys_u
-    (`reference`: the dense side, when it was computed already)."""
+    (`reference`: the dense side, when it was computed already). `detail`: also the answers and
+    the judge's NLLs of each (under "detail"), from which `rejudge` recomputes every measure."""
     ref = reference or dense_reference(dense, tok, sys_u, sys_refs, questions, dense_answers, batch_size)
-    judged_dense, pmi_dense = ref.judged, ref.pmi
-    da, df = [a for a, _ in ref.answers], [f for _, f in ref.answers]
     oa, of = [a for a, _ in own_answers], [f for _, f in own_answers]
     if model is None and masks is None and list(own_answers) == list(ref.answers):
-        judged, pmi = judged_dense, pmi_dense  # the dense base itself: its side is computed already
+        own, pmi = ref.judged, ref.pmi  # the dense base itself: its side is computed already
     else:
-        judged = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
+        da, df = [a for a, _ in ref.answers], [f for _, f in ref.answers]
+        own = judge_answers(dense, tok, sys_u, sys_refs, questions, oa, of, batch_size)
         pmi = pmi_per_question(model if model is not None else dense, tok, sys_u, sys_refs, questions, da, df,
                                masks=None if model is not None else masks, batch_size=batch_size)
-    den = sum(pmi_dense)
-    out = {**judged.summary(seed), **retention(judged.margins, judged_dense.margins, seed),
-           "pmi": round(_mean(pmi), 5), "pmi_retention": round(sum(pmi) / den, 4) if den else float("nan"),
-           "pmi_retention_ci": [round(x, 4) for x in ratio_ci(pmi, pmi_dense, seed=seed)],
-           "references": len(sys_refs), "questions": len(questions),
-           "dense": {**judged_dense.summary(seed), "pmi": round(_mean(pmi_dense), 5)}}
+    out = fidelity_summary(own, ref.judged, pmi, ref.pmi, seed)
+    if detail:
+        out["detail"] = answer_detail(own_answers, own, pmi)
     return out
+
+
+def answer_detail(answers: list[tuple[str, bool]], j: JudgedAnswers, pmi: list[float]) -> dict:
+    """What `rejudge` needs of one model's judged answers: the answers, the judge's NLLs of each
+    under the persona's prompt and the references', and the PMI per question."""
+    return {"answers": [list(x) for x in answers], "own": j.fluency, "refs": j.ref_nlls, "pmi": pmi}
+
+
+def rejudge(tok, prompt: str, model: dict, dense: dict, seed: int = 0) -> dict:
+    """`fidelity_summary` from stored `answer_detail`s of a model and of the dense base: the
+    measure's rules (guards, cap) applied again without a model."""
+    def judge(d):
+        texts, fin = [a for a, _ in d["answers"]], [f for _, f in d["answers"]]
+        ids = [answer_ids(tok, t, f) for t, f in zip(texts, fin)]
+        return judged(ids, d["own"], d["refs"], fin, texts, prompt)
+    return fidelity_summary(judge(model), judge(dense), model["pmi"], dense["pmi"], seed)
