@@ -198,9 +198,10 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                   "the persona's prompt; judge margin = mean over the reference personas of NLL(answer | their prompt) "
                   "- NLL(answer | the persona's), per token, over " + (f"the first {a.fidelity_references} shipped"
                   if getattr(a, "fidelity_references", None) else "the shipped") + " reference personas; retention = margin / the dense base's on the same "
-                  "questions; top-1 = share of answers the persona's own prompt explains best; PMI retention = the "
-                  "margin teacher-forced on the dense answers, under the model / under the dense base; degenerate = "
-                  "looping answers (margin 0).", "",
+                  "questions, each answer's margin capped at the dense base's best; top-1 = share of answers the persona's "
+                  "own prompt explains best; PMI retention = the margin teacher-forced on the dense answers, under the "
+                  "model / under the dense base; degenerate = answers that loop or recite the system prompt (half their "
+                  "word trigrams from it): margin 0, never top-1.", "",
                   "| method | " + " | ".join(f"retention @{s}, mean (median) | top-1 @{s} | PMI ret. @{s}"
                                             for s in sparsities) +
                   f" | degenerate @{sparsities[0]} |",
