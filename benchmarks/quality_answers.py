@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 from benchmarks.quality_report import FIDELITY, read_rows, report_only
@@ -65,6 +66,8 @@ def rescore(a) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r.get(k) for k in fields} for r in rows)
-    if dropped:
-        print(f"no stored answers, persona measures dropped: {' '.join(dropped)}", flush=True)
-    report_only(a)
+    note = ("every row's persona measures recomputed from its kept answers under the rules of this date"
+            + (f"; without kept answers, and so without persona measures now: {', '.join(dropped)}" if dropped else ""))
+    print(note, flush=True)
+    report_only(a, rescored={"date": time.strftime("%Y-%m-%d"), "rescore": True, "note": note, "seconds": 0,
+                             "methods": "", "personas": "", "sparsities": "", "merge": True})

@@ -17,8 +17,9 @@ BASELINES = GENERIC + ["activation-prompt", "activation-persona"]
 FIDELITY = ["retention", "judge_top1", "pmi_retention", "degenerate", "recital", "fluency_nll"]
 
 
-def report_only(a) -> None:
-    """The report from the rows written so far (a run that was stopped early)."""
+def report_only(a, rescored: dict | None = None) -> None:
+    """The report from the rows written so far (a run that was stopped early), or after `--rescore`
+    (`rescored`: its entry for the run log)."""
     out, work = Path(a.out), Path(a.work)
     rows = read_rows(out / "quality.csv")
     # a stopped run: the personas persona-pruner reached (every row when it was not run)
@@ -27,11 +28,13 @@ def report_only(a) -> None:
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
     methods = [m for m in a.methods.split(",") if any(r["method"] == m for r in rows)]
     pt_path = next((p for p in (out / "prune_times.json", work / "prune_times.json") if p.is_file()), None)
-    pt = json.loads(pt_path.read_text()) if pt_path else []
-    summary = summarize(rows, sparsities, methods, [p for p in pt if p["persona"] in done])
-    runs = stored_runs(out)
+    pt = [p for p in (json.loads(pt_path.read_text()) if pt_path else []) if p["persona"] in done]
+    summary = summarize(rows, sparsities, methods, pt)
+    runs = stored_runs(out) + ([rescored] if rescored else [])
     summary["runs"] = runs
     summary["total_s"] = runs[0]["seconds"] if len(runs) == 1 and not runs[0].get("merge") else None
+    if rescored:
+        (out / "quality.json").write_text(json.dumps({"summary": summary, "rows": rows, "prune_times": pt}, indent=1))
     plot(rows, sparsities, methods, out)
     write_md(summary, rows, sparsities, methods, out, a)
     print(json.dumps(summary, indent=1))
@@ -171,6 +174,9 @@ def write_md(summary, rows, sparsities, methods, out: Path, a) -> None:
                   "the named methods × personas × sparsities and keeps every other row); same dense answers and "
                   "evaluation code throughout."]
         for r in runs:
+            if r.get("rescore"):
+                lines.append(f"- {r['date']}: `--rescore`, {r['note']}")
+                continue
             lines.append(f"- {r['date']}, {r['seconds']} s: `{r['methods']}` for personas {r['personas']} at "
                          f"sparsity {r['sparsities']}" + (f". {r['note']}" if r.get("note") else ""))
         lines.append("")

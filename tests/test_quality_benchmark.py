@@ -67,6 +67,9 @@ def test_other_eval_dir(tmp_path, base_dir):
         for k in ("retention", "judge_top1", "pmi_retention", "degenerate", "fluency_nll"):
             assert float(after[m][k]) == float(next(x for x in rows if x["method"] == m)[k]), (m, k)
     assert after["random"]["retention"] == "" and after["random"]["persona_kl"] == kl_random
+    report = json.loads((out / "quality.json").read_text())
+    assert {r["method"]: r["retention"] for r in report["rows"]}["random"] is None
+    assert "`--rescore`" in (out / "quality.md").read_text() and "random@0.5:12" in report["summary"]["runs"][-1]["note"]
 
 
 def test_within_a_core(tmp_path, base_dir):
