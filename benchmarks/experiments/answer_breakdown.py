@@ -18,15 +18,7 @@ from transformers import AutoTokenizer
 
 from benchmarks import ROOT, default_base
 from benchmarks.quality_answers import stored
-from pruning.chat import answer_ids
-from pruning.eval.persona import judged
-
-
-def _judge(tok, rec: dict, prompt: str):
-    texts = [a for a, _ in rec["detail"]["answers"]]
-    fin = [f for _, f in rec["detail"]["answers"]]
-    ids = [answer_ids(tok, t, f) for t, f in zip(texts, fin)]
-    return judged(ids, rec["detail"]["own"], rec["detail"]["refs"], fin, texts, prompt)
+from pruning.eval.persona import judged_detail, retention
 
 
 def main() -> None:
@@ -41,14 +33,15 @@ def main() -> None:
         if m == "dense" or s != a.sparsity or (u, "dense", 0.0) not in recs:
             continue
         dense_rec = recs[(u, "dense", 0.0)]
-        d, j = _judge(tok, dense_rec, dense_rec["prompt"]), _judge(tok, rec, dense_rec["prompt"])
+        d = judged_detail(tok, dense_rec["detail"], dense_rec["prompt"])
+        j = judged_detail(tok, rec["detail"], dense_rec["prompt"])
         cap = max(d.margins)
         den = sum(d.margins)
         ok = [i for i, x in enumerate(j.degenerate) if not x]
         both = [i for i in ok if not d.degenerate[i]]
         row = {"method": m, "persona": u, "degenerate": sum(j.degenerate) / len(j.degenerate),
                "recital": sum(j.recital) / len(j.recital),
-               "retention": sum(min(x, cap) for x in j.margins) / den,
+               "retention": retention(j.margins, d.margins)["retention"],
                # each degenerate answer given the dense margin on its question instead of 0
                "retention_if_no_degenerate": sum(min(j.margins[i], cap) if not j.degenerate[i] else d.margins[i]
                                                  for i in range(len(j.margins))) / den,

@@ -278,11 +278,15 @@ def answer_detail(answers: list[tuple[str, bool]], j: JudgedAnswers, pmi: list[f
     return {"answers": [list(x) for x in answers], "own": j.fluency, "refs": j.ref_nlls, "pmi": pmi}
 
 
+def judged_detail(tok, detail: dict, prompt: str) -> JudgedAnswers:
+    """`judged` of a stored `answer_detail`, under the persona's system prompt `prompt`."""
+    texts, fin = [a for a, _ in detail["answers"]], [f for _, f in detail["answers"]]
+    ids = [answer_ids(tok, t, f) for t, f in zip(texts, fin)]
+    return judged(ids, detail["own"], detail["refs"], fin, texts, prompt)
+
+
 def rejudge(tok, prompt: str, model: dict, dense: dict, seed: int = 0) -> dict:
     """`fidelity_summary` from stored `answer_detail`s of a model and of the dense base: the
     measure's rules (guards, cap) applied again without a model."""
-    def judge(d):
-        texts, fin = [a for a, _ in d["answers"]], [f for _, f in d["answers"]]
-        ids = [answer_ids(tok, t, f) for t, f in zip(texts, fin)]
-        return judged(ids, d["own"], d["refs"], fin, texts, prompt)
-    return fidelity_summary(judge(model), judge(dense), model["pmi"], dense["pmi"], seed)
+    return fidelity_summary(judged_detail(tok, model, prompt), judged_detail(tok, dense, prompt),
+                            model["pmi"], dense["pmi"], seed)
