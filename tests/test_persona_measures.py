@@ -79,7 +79,8 @@ def test_the_dense_judge_prefers_the_personas_own_text(dense):
     recital = [PIRATE, "I am " + PIRATE, "He is " + PIRATE.lower()]
     raw = judge_answers(model, tok, sys_u, refs, QUESTIONS, recital)
     assert raw.recital == [1.0] * 3 and raw.degenerate == [1.0] * 3 and raw.margins == [0.0] * 3
-    assert sum(r[0] for r in raw.ref_nlls) / 3 - sum(raw.fluency) / 3 > sum(own.margins) / 3  # what it would score
+    unguarded = [sum(r[i] for r in raw.ref_nlls) / len(raw.ref_nlls) - raw.fluency[i] for i in range(3)]
+    assert sum(unguarded) > sum(own.margins)  # what it would score without the guard
 
 
 def test_the_dense_model_retains_all_of_itself(dense):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -145,8 +145,8 @@ class JudgedAnswers:
     top1: list[float]          # per question, 1.0 when sys_u gives the lowest NLL
     degenerate: list[float]    # per question, 1.0 for a loop, a recital or an empty answer
     fluency: list[float]       # per question, the judge's NLL under sys_u (NaN for an empty answer)
-    recital: list[float] = field(default_factory=list)      # per question, 1.0 for a recital
-    ref_nlls: list[list[float]] = field(default_factory=list)  # per reference, the judge's NLL per answer
+    recital: list[float]       # per question, 1.0 for an answer reciting the system prompt
+    ref_nlls: list[list[float]]  # per reference, the judge's NLL of each answer
 
     def summary(self, seed: int = 0) -> dict:
         mean = _mean
@@ -156,7 +156,7 @@ class JudgedAnswers:
                 "judge_top1": round(mean(self.top1), 4),
                 "judge_top1_ci": [round(x, 4) for x in bootstrap_ci(self.top1, seed=seed)],
                 "degenerate": round(mean(self.degenerate), 4),
-                "recital": round(mean(self.recital), 4) if self.recital else 0.0,
+                "recital": round(mean(self.recital), 4),
                 "fluency_nll": round(mean(fl), 4),
                 "fluency_nll_ci": [round(x, 4) for x in bootstrap_ci(fl, seed=seed)]}
 
