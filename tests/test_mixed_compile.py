@@ -41,6 +41,8 @@ def test_a_compiled_mixed_engine_serves_each_npcs_own_channels(compiled_srv):
     for k, r in zip(keys, together):  # no mask leaks between NPCs of one compiled batch
         assert _gap(_first_token_logprobs(r), solo[k]) < 0.1, (k, _first_token_logprobs(r), solo[k])
     assert _gap(solo["b"], solo["c"]) > 0.1
-    for i in ids.values():  # the compiled mask engine computes each NPC's pruned checkpoint; compiled
-        # kernels round bf16 differently from the fresh eager engine's, so a tie may tip by a bit more
-        assert_serves_its_checkpoint(srv, i, tie=0.2)
+    # the compiled mask engine computes the NPC's pruned checkpoint (compiled kernels round bf16
+    # differently from the fresh eager engine's, so a tie may tip by a bit more); one NPC is enough
+    # here: the logprob checks above already tell the two NPCs apart inside one compiled batch, and
+    # tests/test_mixed.py checks each sparsity's checkpoint on the eager path
+    assert_serves_its_checkpoint(srv, ids["b"], tie=0.2)
