@@ -25,8 +25,8 @@ import statistics
 
 import torch
 
-from benchmarks import ROOT, default_base
-from benchmarks.quality import eval_pair
+from benchmarks import default_base
+from benchmarks.quality import EVAL, eval_pair
 from pruning.datasets import load_reference_personas
 from pruning.eval.persona import dense_reference, persona_fidelity, persona_prompts
 from pruning.generate.hf import generate_detailed
@@ -44,19 +44,19 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16,batch4")
     ap.add_argument("--out", default=None, help="a JSON file for every row")
     a = ap.parse_args()
-    eval_dir = ROOT.parent / "shared" / "data" / "eval"
     personas = range(10) if a.personas == "all" else [int(x) for x in a.personas.split(",")]
     model, tok = load_model(default_base(), dtype=torch.float32)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    variants = a.variants.split(",")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16) if "bf16" in variants else None
     refs = load_reference_personas()
     rows = []
     for u in personas:
-        sp, _ = eval_pair(eval_dir, u)
+        sp, _ = eval_pair(EVAL, u)
         qs = sp.questions[: a.questions]
         sys_u, sys_refs = persona_prompts(sp.system, sp.persona, refs)
         sys_refs = sys_refs[: a.references]
         ref = dense_reference(model, tok, sys_u, sys_refs, qs, generate_detailed(model, tok, sys_u, qs, a.tokens))
-        for name in a.variants.split(","):
+        for name in variants:
             m, batch = {"bf16": (bf16, 16), "batch4": (model, 4)}[name]
             own = generate_detailed(m, tok, sys_u, qs, a.tokens, batch_size=batch)
             f = persona_fidelity(model, tok, sys_u, sys_refs, qs, ref.answers, own, reference=ref,
@@ -65,7 +65,7 @@ def main() -> None:
             row = {"variant": name, "persona": u, "same_answers": same, **{k: f[k] for k in KEYS}}
             rows.append(row)
             print("FLOOR", json.dumps(row), flush=True)
-    for name in a.variants.split(","):
+    for name in variants:
         rs = [r for r in rows if r["variant"] == name]
         mean = {k: round(statistics.mean(r[k] for r in rs), 3) for k in (*KEYS, "same_answers")}
         mean["retention_median"] = round(statistics.median(r["retention"] for r in rs), 3)
