@@ -11,7 +11,7 @@ questions, the first 8 shipped references), for two copies of the dense base:
 - `batch4`: the fp32 model itself, its answers generated in batches of 4 instead of 16 (the same
   model and weights; only the padding and so the summation order differ).
 
-    .venv/bin/python -m benchmarks.experiments.measure_floor [--personas all] [--out F]
+    .venv/bin/python -m benchmarks.experiments.measure_floor [--personas all] [--eval-dir D] [--out F]
 
 Prints one FLOOR line per (variant, persona) and one mean per variant.
 """
@@ -22,11 +22,12 @@ import argparse
 import copy
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
 from benchmarks import default_base
-from benchmarks.quality import EVAL, eval_pair
+from benchmarks.quality import EVAL, eval_pair, eval_personas
 from pruning.datasets import load_reference_personas
 from pruning.eval.persona import dense_reference, persona_fidelity, persona_prompts
 from pruning.generate.hf import generate_detailed
@@ -37,6 +38,7 @@ KEYS = ("retention", "judge_top1", "degenerate", "pmi_retention")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--eval-dir", default=str(EVAL), help="folder of persona_alpaca_*_user_N.json pairs")
     ap.add_argument("--personas", default="all")
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=64)
@@ -44,14 +46,15 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16,batch4")
     ap.add_argument("--out", default=None, help="a JSON file for every row")
     a = ap.parse_args()
-    personas = range(10) if a.personas == "all" else [int(x) for x in a.personas.split(",")]
+    eval_dir = Path(a.eval_dir)
+    personas = eval_personas(eval_dir, a.personas)
     model, tok = load_model(default_base(), dtype=torch.float32)
     variants = a.variants.split(",")
     bf16 = copy.deepcopy(model).to(torch.bfloat16) if "bf16" in variants else None
     refs = load_reference_personas()
     rows = []
     for u in personas:
-        sp, _ = eval_pair(EVAL, u)
+        sp, _ = eval_pair(eval_dir, u)
         qs = sp.questions[: a.questions]
         sys_u, sys_refs = persona_prompts(sp.system, sp.persona, refs)
         sys_refs = sys_refs[: a.references]
