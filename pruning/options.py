@@ -40,6 +40,7 @@ class MaskLearnConfig:
     lr: float = 0.05
     ce_weight: float = 0.0
     kl_weight: float = 1.0
+    rkl_weight: float = 0.0           # reverse KL(masked || dense), mode-seeking, beside the forward one
     variant: str = "ste"
     ste_grad: str = "identity"        # "identity" | "sigmoid"
     temperature: float = 0.5          # gumbel / soft-topk / sigmoid-STE slope, in score units
@@ -87,7 +88,7 @@ class MaskLearnConfig:
 # bounds a caller may set: step counts a worker finishes in hours, not weeks
 _RANGES = {"steps": (0, 5000), "scale_steps": (0, 5000), "batch_size": (1, 256), "kl_topk": (1, 4096),
            "max_length": (16, 8192), "lr": (0, 10), "scale_lr": (0, 10), "ce_weight": (0, 100),
-           "kl_weight": (0, 100), "holdout": (0, 0.5), "eval_every": (1, 1000),
+           "kl_weight": (0, 100), "rkl_weight": (0, 100), "holdout": (0, 0.5), "eval_every": (1, 1000),
            "on_policy": (0, 4096), "on_policy_at": (-1, 5000), "on_policy_tokens": (1, 1024),
            "temperature": (0, 100), "fisher_weight": (0, 1), "weight_decay": (0, 10), "seed": (0, 2**32 - 1)}
 

@@ -20,7 +20,7 @@ from pruning.methods.persona_pruner.data import build_dataset, persona_examples,
 from pruning.methods.persona_pruner.masklearn import MaskTrainer, learn_scores, split_holdout
 from pruning.methods.persona_pruner.precision import in_precision
 from pruning.methods.persona_pruner.sensitivity import persona_divergence
-from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses
+from pruning.methods.persona_pruner.targets import dense_pass, fisher_diag, masked_losses, topk_kl, topk_rkl
 from pruning.model_io import frozen, load_model
 from pruning.options import VARIANTS, MaskLearnConfig, config_for, job_tokens, learn_config, resolve_options
 from pruning.prefix_forward import channel_mask, kept_masks, make_examples, shared_prompt_len
@@ -79,6 +79,28 @@ def test_ste_gradient_reaches_only_the_scores(dense, examples):
         dropped = tr.sc.hard() == 0
         assert g[dropped].abs().sum() > 0
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_reverse_kl_is_the_bucketed_kl_the_other_way_and_joins_the_loss(dense, examples):
+    """topk_rkl is KL(q || p) over the dense top-K plus one tail bucket; rkl_weight adds it."""
+    g = torch.Generator().manual_seed(0)
+    logq = torch.log_softmax(torch.randn(5, 50, generator=g), -1)
+    logp = torch.log_softmax(torch.randn(5, 50, generator=g), -1)
+    top_logp, top_idx = logp.topk(8, -1)
+    tail = torch.log1p(-top_logp.exp().sum(-1))
+    q_top = logq.gather(-1, top_idx)
+    q_b = torch.cat([q_top, torch.log1p(-q_top.exp().sum(-1, keepdim=True))], -1)
+    p_b = torch.cat([top_logp, tail[:, None]], -1)
+    assert torch.allclose(topk_rkl(logq, top_idx, top_logp, tail), (q_b.exp() * (q_b - p_b)).sum(-1), atol=1e-5)
+    assert torch.allclose(topk_kl(logq, top_idx, top_logp, tail), (p_b.exp() * (p_b - q_b)).sum(-1), atol=1e-5)
+    assert torch.allclose(topk_rkl(logp, top_idx, top_logp, tail), torch.zeros(5), atol=1e-5)
+    model, tok = dense
+    with frozen(model):
+        base = MaskTrainer(model, tok, examples[:4], K, MaskLearnConfig(steps=1, batch_size=4))
+        both = MaskTrainer(model, tok, examples[:4], K, MaskLearnConfig(steps=1, batch_size=4, rkl_weight=1.0),
+                           dense=base.dense, init_scores=list(base.init))
+        (l0, _, kl0), (l1, _, kl1) = base.loss(0), both.loss(0)
+    assert torch.allclose(kl0, kl1) and float(l1.detach()) > float(l0.detach()) > 0
 
 
 def test_prefix_grad_is_the_same_loss_with_the_prompts_path(dense, examples):

@@ -52,7 +52,7 @@ def persona_pruner(model, tok, ctx: PruneContext) -> list[torch.Tensor]:
                            log_every=int(opts.get("log_every") or 0), allowed=ctx.allowed)
     h = res.history
     info.update(profile=opts["profile"], variant=cfg.variant, steps=cfg.steps, examples=len(examples),
-                loss={"ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight},
+                loss={"ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight, "rkl_weight": cfg.rkl_weight},
                 learn_s=round(res.seconds, 2), total_s=round(time.time() - t0, 2),
                 loss_first=round(h[0]["loss"], 4) if h else None, loss_last=round(h[-1]["loss"], 4) if h else None)
     if res.on_policy:

@@ -18,7 +18,8 @@ of what the FFN adds to the residual stream, which no choice of channels restore
 the scales into down_proj's columns, so the checkpoint keeps its standard pruned shape.
 
 Loss on the assistant tokens of (system=persona, user=instruction, assistant=answer)
-examples: ce_weight * cross-entropy + kl_weight * KL(dense-with-persona || masked). The dense
+examples: ce_weight * cross-entropy + kl_weight * KL(dense-with-persona || masked) (+ rkl_weight *
+the reverse KL(masked || dense), off by default). The dense
 distributions are computed once (no grad) and kept as top-K log-probs plus one tail bucket.
 Scores start from the activation importance measured on the same examples, normalised per
 layer (z-score of the log), and only the scores are optimised (Adam). The shared system
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 from pruning import PruneError
 from pruning.chat import pad_id_of
 from pruning.methods.baselines import down_column_norms, weight_magnitudes
-from pruning.methods.persona_pruner.targets import DenseTargets, dense_pass, fisher_diag, masked_losses, topk_kl
+from pruning.methods.persona_pruner.targets import (DenseTargets, dense_pass, fisher_diag, masked_losses, topk_kl,
+                                                    topk_rkl)
 from pruning.methods.persona_pruner.onpolicy import own_examples
 from pruning.model_io import ffn_blocks, frozen
 from pruning.options import MaskLearnConfig
@@ -125,7 +127,9 @@ def _batch_loss(model, hidden, dt: DenseTargets, b: int, cfg: MaskLearnConfig):
     logq = logp_at(model, hidden, rows, cols)
     ce = F.nll_loss(logq, tgt.to(logq.device), reduction="none")
     kl = topk_kl(logq, dt.top_idx[b], dt.top_logp[b], dt.tail_logp[b])
-    return ce, kl
+    if cfg.rkl_weight:
+        return ce, kl, topk_rkl(logq, dt.top_idx[b], dt.top_logp[b], dt.tail_logp[b])
+    return ce, kl, None
 
 
 # -- initial scores ------------------------------------------------------------------
@@ -238,10 +242,12 @@ class MaskTrainer:
                     kv = prefix_kv(self.model, self.examples[0].ids[: self.P], grad=True) if self.P > 0 else None
                 hidden = forward_suffixes(self.model, kv, self.P, [self.examples[i].ids[self.P:] for i in idx],
                                           self.pad)
-                ce, kl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
+                ce, kl, rkl = _batch_loss(self.model, hidden, self.dense, b, self.cfg)
         finally:
             self.sc._current = None
         loss = self.cfg.ce_weight * ce.mean() + self.cfg.kl_weight * kl.mean()
+        if rkl is not None:
+            loss = loss + self.cfg.rkl_weight * rkl.mean()
         return loss, ce, kl
 
     def step(self) -> dict:

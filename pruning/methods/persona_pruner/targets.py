@@ -114,6 +114,14 @@ def topk_kl(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
     return kl
 
 
+def topk_rkl(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
+    """Per-token reverse KL(q || p) over the same K tokens plus tail bucket: mode-seeking, it
+    penalises the masked model for mass where the dense model has little (what greedy decoding picks)."""
+    q_top = logq.gather(-1, top_idx)
+    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    return (q_top.exp() * (q_top - top_logp)).sum(-1) + q_tail.exp() * (q_tail - tail_logp)
+
+
 @torch.no_grad()
 def masked_losses(model, tok, examples: list[Example], masks: list[torch.Tensor] | None, P: int | None = None,
                   batch_size: int = 8, dense: DenseTargets | None = None) -> dict:
