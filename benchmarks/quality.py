@@ -63,10 +63,10 @@ def eval_pair(eval_dir: Path, u: int, limit: int | None = None):
             load_eval_file(eval_dir / f"persona_alpaca_general_user_{u}.json", with_persona=False, limit=limit))
 
 
-def persona_context(sp, sparsity: float, options: dict, work: Path) -> PruneContext:
+def persona_context(sp, sparsity: float, options: dict, work: Path, seed: int = 0) -> PruneContext:
     """The persona-pruner (and activation-persona) context of eval set `sp`: its synthetic data
     cached under the benchmark's `work` folder."""
-    return PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=sparsity, seed=0,
+    return PruneContext(persona=sp.persona or sp.system, system_prompt=sp.system, sparsity=sparsity, seed=seed,
                         options=options, cache_dir=work / "cache")
 
 
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--methods", default=",".join(GENERIC + PERSONAL))
     ap.add_argument("--profile", default="default")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the persona methods' seed (their data's samples and the mask's learning): the method's own noise")
     ap.add_argument("--options", default="{}", help="JSON: persona-pruner (and activation-persona) options over the profile")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--questions", type=int, default=None, help="the first N questions of each set (default: all)")
@@ -294,10 +296,11 @@ def main() -> None:
                 scores = persona_scores[m]
             elif m == "activation-persona":  # persona-pruner's synthetic set (cached), no learning
                 if m not in persona_scores:
-                    persona_scores[m] = get_method(m)(model, tok, persona_context(sp, s, {**a.options, "profile": a.profile}, work))
+                    ctx = persona_context(sp, s, {**a.options, "profile": a.profile}, work, a.seed)
+                    persona_scores[m] = get_method(m)(model, tok, ctx)
                 scores = persona_scores[m]
             else:  # persona-pruner learns a mask per sparsity; its synthetic data is cached per persona
-                ctx = persona_context(sp, s, {**a.options, "profile": a.profile}, work)
+                ctx = persona_context(sp, s, {**a.options, "profile": a.profile}, work, a.seed)
                 ctx.allowed = allowed
                 scores = get_method(m)(model, tok, ctx)
                 scales = ctx.channel_scales
