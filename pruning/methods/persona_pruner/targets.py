@@ -105,10 +105,15 @@ def _fisher_batch(model, kv, P: int, sfx: list[list[int]], pad: int, rows, cols,
     return (m.grad[:, :, 0, :].double() ** 2).sum(1), logq.detach()
 
 
+def _buckets(logq: torch.Tensor, top_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked model's log-probs of the dense top-K tokens, and of all the others as one bucket."""
+    q_top = logq.gather(-1, top_idx)
+    return q_top, torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+
+
 def topk_kl(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
     """Per-token KL(p || q) over the K dense-top tokens plus one bucket for the rest."""
-    q_top = logq.gather(-1, top_idx)
-    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    q_top, q_tail = _buckets(logq, top_idx)
     p_top = top_logp.exp()
     kl = (p_top * (top_logp - q_top)).sum(-1) + tail_logp.exp() * (tail_logp - q_tail)
     return kl
@@ -117,8 +122,7 @@ def topk_kl(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
 def topk_rkl(logq: torch.Tensor, top_idx, top_logp, tail_logp) -> torch.Tensor:
     """Per-token reverse KL(q || p) over the same K tokens plus tail bucket: mode-seeking, it
     penalises the masked model for mass where the dense model has little (what greedy decoding picks)."""
-    q_top = logq.gather(-1, top_idx)
-    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    q_top, q_tail = _buckets(logq, top_idx)
     return (q_top.exp() * (q_top - top_logp)).sum(-1) + q_tail.exp() * (q_tail - tail_logp)
 
 
